@@ -1,0 +1,39 @@
+# Front door: make venv | make test | make lint | make bench
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv test test-gpu lint format bench demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+# CPU suite: torch backend, and the real Triton kernels through the interpreter.
+test: venv
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Same suite on a CUDA machine, Triton compiled (bf16 included).
+test-gpu: venv
+	env -u TRITON_INTERPRET $(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv
+	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider
+
+demo:
+	@echo "make demo arrives with the GaVaMoE model issue (stage 1 + stage 2 training on synthetic data)."; exit 1

@@ -1,0 +1,1 @@
+"""GaVaMoE explainable recommender (model package; arrives with the stage 1 and stage 2 issues)."""
