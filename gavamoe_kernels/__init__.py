@@ -1,16 +1,26 @@
-"""gavamoe_kernels: fused kernels for cluster-gated fine-grained MoE layers."""
+"""gavamoe_kernels: fused kernels for cluster-gated fine-grained MoE layers.
+
+Public API (see DESIGN.md): route, moe_experts, cluster_gated_moe, ClusterGatedMoE,
+replace_mlp_with_moe (and restore_dense_mlp), use_backend.
+"""
 
 from ._backend import BackendUnavailableError, use_backend
+from .moe.hf import restore_dense_mlp, replace_mlp_with_moe
+from .moe.layer import ClusterGatedMoE, collect_aux_loss
 from .moe.ops import Routing, cluster_gated_moe, moe_experts, route
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "ClusterGatedMoE",
     "Routing",
     "__version__",
     "cluster_gated_moe",
+    "collect_aux_loss",
     "moe_experts",
+    "replace_mlp_with_moe",
+    "restore_dense_mlp",
     "route",
     "use_backend",
 ]
