@@ -262,6 +262,7 @@ def route_fwd(hidden, gate_weight, cluster_ids, top_k: int, normalize: bool):
     ids = torch.empty((T, top_k), device=hidden.device, dtype=torch.int64)
     if T == 0:
         return logits, weights, ids
+    cluster_ids = cluster_ids.contiguous()  # the kernels read token t's id at cluster_ids + t
     block_t, block_e, block_h = _router_blocks(E, H)
     _route_fwd_kernel[(triton.cdiv(T, block_t),)](
         hidden, hidden.stride(0), hidden.stride(1),
@@ -286,6 +287,7 @@ def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, top
         return d_hidden, d_gate.zero_()
     d_logits = d_logits.float().contiguous()
     d_weights = d_weights.float().contiguous()
+    cluster_ids = cluster_ids.contiguous()
     d_l = torch.empty_like(logits)
     block_t, block_e, block_h = _router_blocks(E, H)
     _route_bwd_logits_kernel[(triton.cdiv(T, block_t),)](
@@ -319,7 +321,7 @@ SLOT_BLOCK = 128
 
 def routing_metadata(topk_ids: torch.Tensor, num_experts: int):
     """(sorted_slots [n], slot_pos [n], counts [E]) int32, equal to the torch backend's stable sort."""
-    flat = topk_ids.reshape(-1)
+    flat = topk_ids.reshape(-1).contiguous()  # the kernels read slot s at flat + s
     n = flat.numel()
     device = flat.device
     sorted_slots = torch.empty(n, device=device, dtype=torch.int32)

@@ -38,7 +38,7 @@ def route_fwd(hidden, gate_weight, cluster_ids, top_k: int, normalize: bool):
     weights, ids = stable_topk(torch.softmax(logits, dim=-1), top_k)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return logits, weights, ids
+    return logits, weights.contiguous(), ids.contiguous()  # slices of the sort; contiguous like the fake
 
 
 def route_logits_grad(d_logits, d_weights, logits, topk_weights, topk_ids, normalize: bool):
@@ -70,10 +70,10 @@ def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, top
     return d_hidden.to(hidden.dtype), d_gate.to(gate_weight.dtype)
 
 
-def _per_expert(counts: torch.Tensor, rows: torch.Tensor, fn) -> torch.Tensor:
-    """Concatenate fn(e, rows of expert e) over experts; rows are in sorted order."""
+def _per_expert(counts: torch.Tensor, rows: torch.Tensor, fn, out_cols: int) -> torch.Tensor:
+    """Concatenate fn(e, rows of expert e) [c_e, out_cols] over experts; rows are in sorted order."""
     pieces = [fn(e, part) for e, part in enumerate(torch.split(rows, counts.tolist())) if part.shape[0]]
-    return torch.cat(pieces) if pieces else rows.new_empty((0, *rows.shape[1:]))
+    return torch.cat(pieces) if pieces else rows.new_empty((0, out_cols))
 
 
 def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_backward: bool):
@@ -83,10 +83,10 @@ def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_back
     E, two_i, _ = w_gate_up.shape
     sorted_slots, slot_pos, counts = routing_metadata(topk_ids, E)
     x_sorted = hidden[sorted_slots.long() // k]  # [n, H]
-    h = _per_expert(counts, x_sorted, lambda e, x: x @ w_gate_up[e].T)  # [n, 2I]
+    h = _per_expert(counts, x_sorted, lambda e, x: x @ w_gate_up[e].T, two_i)  # [n, 2I]
     gate, up = h.float().chunk(2, dim=-1)
     act = (F.silu(gate) * up).to(hidden.dtype)  # [n, I]
-    out = _per_expert(counts, act, lambda e, a: a @ w_down[e].T)  # [n, H]
+    out = _per_expert(counts, act, lambda e, a: a @ w_down[e].T, H)  # [n, H]
     per_slot = out[slot_pos.long()].view(T, k, H).float()
     y = (per_slot * topk_weights.float().unsqueeze(-1)).sum(1).to(hidden.dtype)
     h_saved = h if save_for_backward else h.new_empty((0, two_i))
@@ -112,7 +112,7 @@ def experts_bwd(d_y, hidden, topk_weights, w_gate_up, w_down, h, sorted_slots, s
     dy_sorted = d_y[tokens]  # [n, H]
     x_sorted = hidden[tokens]
     # d_act' = dy @ Wd_e is the gradient of the unweighted expert output; d_w_s = d_act' . act_s
-    d_act_unweighted = _per_expert(counts, dy_sorted, lambda e, g: g @ w_down[e]).float()  # [n, I]
+    d_act_unweighted = _per_expert(counts, dy_sorted, lambda e, g: g @ w_down[e], w_down.shape[2]).float()  # [n, I]
     act, d_h = swiglu_grad(h, d_act_unweighted * w_sorted[:, None])
     d_w = (d_act_unweighted * act).sum(-1)[slot_pos.long()].view(T, k).to(topk_weights.dtype)
     d_h = d_h.to(hidden.dtype)
@@ -127,6 +127,6 @@ def experts_bwd(d_y, hidden, topk_weights, w_gate_up, w_down, h, sorted_slots, s
             d_w_down[e] = scaled_dy[rows].T @ act[rows]
             d_w_gate_up[e] = d_h[rows].T @ x_sorted[rows]
             start += c
-    d_x_slots = _per_expert(counts, d_h, lambda e, g: g @ w_gate_up[e])  # [n, H]
+    d_x_slots = _per_expert(counts, d_h, lambda e, g: g @ w_gate_up[e], H)  # [n, H]
     d_hidden = d_x_slots[slot_pos.long()].view(T, k, H).float().sum(1).to(hidden.dtype)
     return d_hidden, d_w, d_w_gate_up, d_w_down
