@@ -13,6 +13,8 @@ sees the same ids; ``generate`` expands every tensor keyword for beams and
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -71,6 +73,15 @@ def _pass_forward(base: type):
             kwargs["cluster_ids"] = cluster_ids
         return base.forward(self, *args, **kwargs)
 
+    # generate() reads forward's signature to decide which inputs (position_ids, ...) to build:
+    # show the base signature with cluster_ids added
+    functools.update_wrapper(forward, base.forward)
+    del forward.__wrapped__
+    signature = inspect.signature(base.forward)
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("cluster_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    forward.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
     return forward
 
 

@@ -58,9 +58,10 @@ def route_logits_grad(d_logits, d_weights, logits, topk_weights, topk_ids, norma
     return d_l + d_logits.float()
 
 
-def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, topk_weights, topk_ids, normalize):
+def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, topk_weights, topk_ids,
+              normalize):
     """(d_hidden [T,H], d_gate_weight [C,E,H]) in the inputs' dtypes."""
-    C, E, H = gate_weight.shape
+    C = gate_weight.shape[0]
     d_l = route_logits_grad(d_logits, d_weights, logits, topk_weights, topk_ids, normalize)
     cid = cluster_ids.long()
     d_hidden = torch.einsum("te,teh->th", d_l, gate_weight[cid].float())
@@ -70,27 +71,25 @@ def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, top
     return d_hidden.to(hidden.dtype), d_gate.to(gate_weight.dtype)
 
 
-def _per_expert(counts: torch.Tensor, rows: torch.Tensor, fn, out_cols: int) -> torch.Tensor:
-    """Concatenate fn(e, rows of expert e) [c_e, out_cols] over experts; rows are in sorted order."""
-    pieces = [fn(e, part) for e, part in enumerate(torch.split(rows, counts.tolist())) if part.shape[0]]
-    return torch.cat(pieces) if pieces else rows.new_empty((0, out_cols))
+def _expert_slices(counts: torch.Tensor):
+    """(expert, slice of its sorted rows) for every expert with rows; one host read of counts."""
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            yield e, slice(start, start + c)
+            start += c
 
 
-def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_backward: bool):
-    """(y [T,H], h [n,2I] or [0,2I], sorted_slots, slot_pos, counts)."""
-    T, H = hidden.shape
-    k = topk_ids.shape[1]
-    E, two_i, _ = w_gate_up.shape
-    sorted_slots, slot_pos, counts = routing_metadata(topk_ids, E)
-    x_sorted = hidden[sorted_slots.long() // k]  # [n, H]
-    h = _per_expert(counts, x_sorted, lambda e, x: x @ w_gate_up[e].T, two_i)  # [n, 2I]
+def _combine(per_slot: torch.Tensor, slot_pos: torch.Tensor, weights: torch.Tensor, T: int, k: int):
+    """y[t] = sum_j weights[t, j] * per_slot[pos(t, j)] in fp32, as one batched matmul."""
+    rows = per_slot[slot_pos.long()].view(T, k, per_slot.shape[1]).float()
+    return torch.bmm(weights.float().view(T, 1, k), rows).view(T, per_slot.shape[1])
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """act = silu(g) * u from h = [g | u], computed in fp32, returned in h's dtype."""
     gate, up = h.float().chunk(2, dim=-1)
-    act = (F.silu(gate) * up).to(hidden.dtype)  # [n, I]
-    out = _per_expert(counts, act, lambda e, a: a @ w_down[e].T, H)  # [n, H]
-    per_slot = out[slot_pos.long()].view(T, k, H).float()
-    y = (per_slot * topk_weights.float().unsqueeze(-1)).sum(1).to(hidden.dtype)
-    h_saved = h if save_for_backward else h.new_empty((0, two_i))
-    return y, h_saved, sorted_slots, slot_pos, counts
+    return (F.silu(gate) * up).to(h.dtype)
 
 
 def swiglu_grad(h: torch.Tensor, d_act: torch.Tensor):
@@ -102,31 +101,50 @@ def swiglu_grad(h: torch.Tensor, d_act: torch.Tensor):
     return silu * up, torch.cat([d_gate, d_act * silu], dim=-1)
 
 
+def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_backward: bool):
+    """(y [T,H], h [n,2I] or [0,2I], sorted_slots, slot_pos, counts).
+
+    Each expert runs up-projection, SwiGLU and down-projection on its slice while the slice is
+    in cache, writing into preallocated outputs."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E, two_i, _ = w_gate_up.shape
+    sorted_slots, slot_pos, counts = routing_metadata(topk_ids, E)
+    tokens = sorted_slots.long() // k
+    out = hidden.new_empty((T * k, H))  # [n, H] expert outputs in sorted order
+    h = hidden.new_empty((T * k if save_for_backward else 0, two_i))
+    for e, rows in _expert_slices(counts):
+        h_e = hidden[tokens[rows]] @ w_gate_up[e].T  # [c, 2I]
+        if save_for_backward:
+            h[rows] = h_e
+        torch.matmul(swiglu(h_e), w_down[e].T, out=out[rows])
+    y = _combine(out, slot_pos, topk_weights, T, k).to(hidden.dtype)
+    return y, h, sorted_slots, slot_pos, counts
+
+
 def experts_bwd(d_y, hidden, topk_weights, w_gate_up, w_down, h, sorted_slots, slot_pos, counts):
-    """(d_hidden [T,H], d_topk_weights [T,k], d_w_gate_up [E,2I,H], d_w_down [E,H,I])."""
+    """(d_hidden [T,H], d_topk_weights [T,k], d_w_gate_up [E,2I,H], d_w_down [E,H,I]).
+
+    Per expert, with d_act' = d_y @ Wd_e the gradient of the unweighted expert output:
+    d_w = d_act' . act,  d_h = dSwiGLU(w * d_act'),  dWd_e = (w d_y)^T act,  dWgu_e = d_h^T x,
+    and each slot's d_x = d_h @ Wgu_e, summed per token."""
     T, H = hidden.shape
     k = topk_weights.shape[1]
-    slots = sorted_slots.long()
-    tokens = slots // k
-    w_sorted = topk_weights.reshape(-1)[slots].float()  # [n]
-    dy_sorted = d_y[tokens]  # [n, H]
-    x_sorted = hidden[tokens]
-    # d_act' = dy @ Wd_e is the gradient of the unweighted expert output; d_w_s = d_act' . act_s
-    d_act_unweighted = _per_expert(counts, dy_sorted, lambda e, g: g @ w_down[e], w_down.shape[2]).float()  # [n, I]
-    act, d_h = swiglu_grad(h, d_act_unweighted * w_sorted[:, None])
-    d_w = (d_act_unweighted * act).sum(-1)[slot_pos.long()].view(T, k).to(topk_weights.dtype)
-    d_h = d_h.to(hidden.dtype)
-    act = act.to(hidden.dtype)
-    scaled_dy = (dy_sorted.float() * w_sorted[:, None]).to(hidden.dtype)
+    tokens = sorted_slots.long() // k
+    w_sorted = topk_weights.reshape(-1)[sorted_slots.long()].float()  # [n]
+    d_w_sorted = torch.zeros(T * k, device=hidden.device, dtype=torch.float32)
+    d_x_slots = hidden.new_empty((T * k, H))
     d_w_down = torch.zeros_like(w_down)
     d_w_gate_up = torch.zeros_like(w_gate_up)
-    start = 0
-    for e, c in enumerate(counts.tolist()):
-        if c:
-            rows = slice(start, start + c)
-            d_w_down[e] = scaled_dy[rows].T @ act[rows]
-            d_w_gate_up[e] = d_h[rows].T @ x_sorted[rows]
-            start += c
-    d_x_slots = _per_expert(counts, d_h, lambda e, g: g @ w_gate_up[e], H)  # [n, H]
-    d_hidden = d_x_slots[slot_pos.long()].view(T, k, H).float().sum(1).to(hidden.dtype)
+    for e, rows in _expert_slices(counts):
+        x_e, dy_e, w_e = hidden[tokens[rows]], d_y[tokens[rows]], w_sorted[rows, None]
+        d_act = (dy_e @ w_down[e]).float()  # [c, I]
+        act, d_h = swiglu_grad(h[rows], d_act * w_e)
+        d_w_sorted[rows] = (d_act * act).sum(-1)
+        d_h = d_h.to(hidden.dtype)
+        d_w_down[e] = (dy_e.float() * w_e).to(hidden.dtype).T @ act.to(hidden.dtype)
+        d_w_gate_up[e] = d_h.T @ x_e
+        torch.matmul(d_h, w_gate_up[e], out=d_x_slots[rows])
+    d_w = d_w_sorted[slot_pos.long()].view(T, k).to(topk_weights.dtype)
+    d_hidden = _combine(d_x_slots, slot_pos, torch.ones_like(topk_weights), T, k).to(hidden.dtype)
     return d_hidden, d_w, d_w_gate_up, d_w_down

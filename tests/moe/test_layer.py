@@ -1,0 +1,171 @@
+"""ClusterGatedMoE: id layouts, from_dense, aux loss, dtype casting, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gavamoe_kernels as gk
+from gavamoe_kernels.moe import reference as ref
+from tests.conftest import BACKENDS, DEVICE
+
+
+def make_layer(backend=None, **kw):
+    torch.manual_seed(0)
+    args = dict(hidden_size=24, intermediate_size=12, num_experts=5, num_clusters=3, top_k=2)
+    return gk.ClusterGatedMoE(**{**args, **kw}, device=DEVICE, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sequence_ids_equal_per_token_ids(backend):
+    moe = make_layer(backend)
+    x = torch.randn(3, 6, 24, device=DEVICE)
+    per_seq = torch.tensor([2, 0, 1], device=DEVICE)
+    y_seq = moe(x, per_seq)
+    y_tok = moe(x, per_seq[:, None].expand(3, 6))
+    assert y_seq.shape == x.shape
+    torch.testing.assert_close(y_seq, y_tok, atol=0, rtol=0)
+    # and both equal the functional reference on flattened tokens
+    want = ref.cluster_gated_moe(x.reshape(-1, 24).double(), per_seq.repeat_interleave(6),
+                                 moe.gate_weight.double(), moe.w_gate_up.double(), moe.w_down.double(), 2)
+    torch.testing.assert_close(y_seq.reshape(-1, 24).double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_cluster_ids_actually_select_the_gate():
+    moe = make_layer()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    a = moe(x, torch.tensor([0, 0], device=DEVICE))
+    b = moe(x, torch.tensor([1, 1], device=DEVICE))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("ids_shape", [(2,), (5, 3), (15,), ()], ids=str)
+def test_wrong_cluster_id_shape_raises(ids_shape):
+    moe = make_layer()
+    with pytest.raises(ValueError, match="cluster_ids must have shape"):
+        moe(torch.randn(3, 5, 24, device=DEVICE), torch.zeros(ids_shape, dtype=torch.long, device=DEVICE))
+
+
+def test_bad_layer_arguments_raise():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        make_layer(top_k=6)
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        make_layer(num_experts=0)
+    with pytest.raises(ValueError, match=r"hidden_states must have shape \(\.\.\., 24\)"):
+        make_layer()(torch.randn(4, 23, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="cluster_ids must be an int32/int64 tensor"):
+        make_layer()(torch.randn(4, 24, device=DEVICE), [0, 1, 2, 0])
+
+
+class DenseSwiGLU(nn.Module):
+    def __init__(self, h, i):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(h, i, bias=False), nn.Linear(h, i, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(i, h, bias=False), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_dense_experts_sum_to_the_dense_mlp(backend):
+    torch.manual_seed(1)
+    dense = DenseSwiGLU(24, 30).to(DEVICE)
+    moe = gk.ClusterGatedMoE.from_dense(dense, num_experts=5, num_clusters=2, top_k=2)
+    assert moe.w_gate_up.shape == (5, 12, 24) and moe.w_down.shape == (5, 24, 6)
+    x = torch.randn(9, 24, device=DEVICE)
+    every_expert = torch.arange(5, device=DEVICE).expand(9, 5)
+    y = gk.moe_experts(x, torch.ones(9, 5, device=DEVICE), every_expert, moe.w_gate_up, moe.w_down, backend=backend)
+    torch.testing.assert_close(y, dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_dense_rejects_what_it_cannot_split():
+    with pytest.raises(ValueError, match="must divide the dense intermediate size 30"):
+        gk.ClusterGatedMoE.from_dense(DenseSwiGLU(24, 30), num_experts=4, num_clusters=2)
+    gelu = DenseSwiGLU(24, 30)
+    gelu.act_fn = nn.GELU()
+    with pytest.raises(ValueError, match="SiLU-gated"):
+        gk.ClusterGatedMoE.from_dense(gelu, num_experts=5, num_clusters=2)
+    with pytest.raises(ValueError, match="needs a SwiGLU MLP"):
+        gk.ClusterGatedMoE.from_dense(nn.Linear(4, 4), num_experts=2, num_clusters=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aux_loss_matches_formula_and_trains_the_gate(backend):
+    moe = make_layer(backend)
+    x = torch.randn(40, 24, device=DEVICE)
+    cids = torch.randint(0, 3, (40,), device=DEVICE)
+    moe(x, cids)
+    r = ref.route(x.double(), moe.gate_weight.double(), cids, 2)
+    want = ref.load_balancing_loss(r[2], r[1], 5)
+    assert moe.aux_loss.dtype == torch.float32
+    torch.testing.assert_close(moe.aux_loss, want.to(moe.aux_loss.device), atol=1e-5, rtol=1e-5)
+    moe.aux_loss.backward()
+    assert moe.gate_weight.grad is not None and moe.gate_weight.grad.abs().sum() > 0
+    assert gk.collect_aux_loss(nn.Sequential(moe)) is moe.aux_loss or torch.equal(
+        gk.collect_aux_loss(nn.Sequential(moe)), moe.aux_loss)
+
+
+def test_aux_loss_is_one_when_perfectly_balanced():
+    logits = torch.zeros(8, 4)
+    ids = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert ref.load_balancing_loss(logits, ids, 4).item() == pytest.approx(1.0)
+
+
+def test_parameters_are_cast_to_the_input_dtype():
+    moe = make_layer()
+    x = torch.randn(2, 4, 24, device=DEVICE)
+    ids = torch.tensor([0, 2], device=DEVICE)
+    y16 = moe(x.half(), ids)
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), moe(x, ids), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    moe = make_layer(backend)
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([1, 2], device=DEVICE)
+    y = moe(x, ids)
+    y.square().sum().backward()
+    eager = (y.detach(), x.grad.clone(), moe.w_down.grad.clone())
+    x.grad = None
+    moe.zero_grad()
+    compiled = torch.compile(moe, fullgraph=True)
+    y2 = compiled(x, ids)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2.detach(), eager[0])
+    torch.testing.assert_close(x.grad, eager[1])
+    torch.testing.assert_close(moe.w_down.grad, eager[2])
+
+
+def test_backend_selection():
+    x = torch.randn(4, 24)
+    moe = make_layer()
+    ids = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gk.route(x, moe.gate_weight.cpu(), ids, backend="fast")
+    with pytest.raises(gk.BackendUnavailableError, match="cuda"):
+        gk.route(x, moe.gate_weight.cpu(), ids, backend="cuda")
+    with gk.use_backend("cuda"), pytest.raises(gk.BackendUnavailableError):
+        gk.route(x, moe.gate_weight.cpu(), ids)
+
+
+def test_backend_environment_variable(monkeypatch):
+    from gavamoe_kernels._backend import requested_backend, resolve_backend
+
+    monkeypatch.setenv("GAVAMOE_BACKEND", "torch")
+    assert requested_backend() == "torch"
+    with gk.use_backend("auto"):
+        assert requested_backend() == "auto"
+        assert requested_backend("triton") == "triton"
+    assert resolve_backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("GAVAMOE_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="GAVAMOE_BACKEND must be one of"):
+        requested_backend()
+    monkeypatch.delenv("GAVAMOE_BACKEND")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if DEVICE.type == "cpu":
+        with pytest.raises(gk.BackendUnavailableError, match="TRITON_INTERPRET"):
+            resolve_backend(torch.device("cpu"), "triton")
