@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-gpu lint format bench demo
+.PHONY: venv test test-gpu lint bench demo
 
 venv: $(VENV)/.installed
 
@@ -24,13 +24,9 @@ test: venv
 test-gpu: venv
 	env -u TRITON_INTERPRET $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# ruff check only: kernel launch arguments are grouped by hand (STYLE.md), which a formatter would undo
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
-
-format: venv
-	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format .
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider

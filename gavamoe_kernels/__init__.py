@@ -5,7 +5,7 @@ replace_mlp_with_moe (and restore_dense_mlp), use_backend.
 """
 
 from ._backend import BackendUnavailableError, use_backend
-from .moe.hf import restore_dense_mlp, replace_mlp_with_moe
+from .moe.hf import replace_mlp_with_moe, restore_dense_mlp
 from .moe.layer import ClusterGatedMoE, collect_aux_loss
 from .moe.ops import Routing, cluster_gated_moe, moe_experts, route
 

@@ -3,11 +3,12 @@
 Cluster ids travel as data: ``model(..., cluster_ids=ids)`` and ``model.generate(...,
 cluster_ids=ids)`` hand the keyword through transformers' ``**kwargs`` to every decoder layer.
 The model's class is given a subclass whose ``forward`` names ``cluster_ids`` (``generate``
-accepts only keywords that ``forward`` names) and each patched decoder layer a subclass whose
-``forward`` takes ``cluster_ids`` out of its keywords and binds them to its MoE for the duration of that call. transformers'
-gradient checkpointing re-runs that same ``forward`` with the same keywords, so the recompute
-sees the same ids; ``generate`` expands every tensor keyword for beams and
-``num_return_sequences``, so the ids follow their sequences. No global state is involved.
+accepts only keywords that ``forward`` names), and each patched decoder layer a subclass whose
+``forward`` takes ``cluster_ids`` out of its keywords and binds them to its MoE for the
+duration of that call. transformers' gradient checkpointing re-runs that same ``forward``
+with the same keywords, so the recompute sees the same ids; ``generate`` expands every tensor
+keyword for beams and ``num_return_sequences``, so the ids follow their sequences. No global
+state is involved.
 """
 
 from __future__ import annotations

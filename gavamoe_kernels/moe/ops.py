@@ -25,7 +25,6 @@ from .._checks import (
 )
 
 
-
 def _impl(backend: str):
     """(route module, experts module) of a backend; Triton modules load on first use, so that
     TRITON_INTERPRET set by the caller before the first call is honoured."""
@@ -170,7 +169,7 @@ def _check_route_inputs(hidden, gate_weight, cluster_ids, top_k) -> None:
     check_same_device("hidden", hidden, gate_weight=gate_weight, cluster_ids=cluster_ids)
     check_same_dtype("hidden", hidden, gate_weight=gate_weight)
     if C == 0 or E == 0:
-        raise ValueError(f"gate_weight must have at least one cluster and one expert, got shape {tuple(gate_weight.shape)}")
+        raise ValueError(f"gate_weight must have shape (C, E, H) with C, E >= 1, got {tuple(gate_weight.shape)}")
     check_positive_int("top_k", top_k)
     if top_k > E:
         raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
