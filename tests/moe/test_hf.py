@@ -113,17 +113,28 @@ def test_gradient_checkpointing_gives_identical_gradients(kind, use_reentrant):
     ids, mask = left_padded(PROMPTS)
     clusters = torch.tensor(CLUSTERS, device=DEVICE)
 
+    calls = []
+    for m in model.modules():
+        if isinstance(m, gk.ClusterGatedMoE):
+            # a pre-hook: non-reentrant recompute stops early, before the layer's forward returns
+            m.register_forward_pre_hook(lambda *_: calls.append(1))
+
     def grads():
         model.zero_grad()
+        calls.clear()
         model(input_ids=ids, attention_mask=mask, labels=ids, cluster_ids=clusters).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert len(calls) == 2  # one MoE forward per layer
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     if use_reentrant:
         model.enable_input_require_grads()
     checkpointed = grads()
+    assert len(calls) == 4, "the backward pass did not recompute the MoE layers"
     assert plain.keys() == checkpointed.keys() and any("moe" in n for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
