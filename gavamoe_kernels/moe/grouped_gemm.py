@@ -214,8 +214,14 @@ def _grouped_weight_grad_kernel(
         s_mask = rs < count
         rows = (row0 + rs).to(tl.int64)
         slot = tl.load(sorted_slots_ptr + rows, mask=s_mask, other=0).to(tl.int64)
-        l_rows = slot // TOP_K if L_GATHER else rows
-        r_rows = slot // TOP_K if R_GATHER else rows
+        if L_GATHER:
+            l_rows = slot // TOP_K
+        else:
+            l_rows = rows
+        if R_GATHER:
+            r_rows = slot // TOP_K
+        else:
+            r_rows = rows
         left = tl.load(l_ptr + l_rows[:, None] * stride_lr + rm[None, :] * stride_lm,
                        mask=s_mask[:, None] & m_mask[None, :], other=0.0)  # [BS, BM]
         if HAS_SCALE:
