@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 
 import torch
@@ -86,6 +87,10 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None
         if device.type == "cpu" and triton_interpret():
+            kernels = sys.modules.get("gavamoe_kernels.moe.routing")
+            if kernels is not None and not kernels.INTERPRET:
+                return ("TRITON_INTERPRET=1 was set after the Triton kernels were first loaded; "
+                        "set it before the first call")
             return None
         return (
             f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the "

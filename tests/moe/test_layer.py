@@ -169,3 +169,12 @@ def test_backend_environment_variable(monkeypatch):
     if DEVICE.type == "cpu":
         with pytest.raises(gk.BackendUnavailableError, match="TRITON_INTERPRET"):
             resolve_backend(torch.device("cpu"), "triton")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or DEVICE.type != "cpu", reason="interpreter check, CPU only")
+def test_interpreter_set_too_late_is_a_clear_error(monkeypatch):
+    from gavamoe_kernels.moe import routing
+
+    monkeypatch.setattr(routing, "INTERPRET", False)  # as if the kernels had loaded before TRITON_INTERPRET=1
+    with pytest.raises(gk.BackendUnavailableError, match="set it before the first call"):
+        gk.route(torch.randn(3, 8), torch.randn(2, 4, 8), torch.zeros(3, dtype=torch.long), backend="triton")
