@@ -155,7 +155,9 @@ def replace_mlp_with_moe(model: nn.Module, num_experts: int, num_clusters: int, 
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     check_positive_int("num_experts", num_experts)
     check_positive_int("num_clusters", num_clusters)
-    layers = [layer for layer in _decoder_layers(model) if not isinstance(layer.mlp, MoEMLP)]
+    if any(isinstance(m, MoEMLP) for m in model.modules()):
+        raise ValueError("the model's MLPs are already cluster-gated MoE layers; call restore_dense_mlp(model) first")
+    layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"found no LLaMA-style (gate_proj/up_proj/down_proj) or GPT-2 (c_fc/c_proj) MLP to "
                          f"replace in {type(model).__name__}")

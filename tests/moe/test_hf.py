@@ -154,6 +154,8 @@ def test_bad_replace_arguments():
         gk.replace_mlp_with_moe(tiny_llama(), 5, 2)
     with pytest.raises(ValueError, match="found no LLaMA-style"):
         gk.replace_mlp_with_moe(torch.nn.Linear(3, 3), 4, 2)
+    with pytest.raises(ValueError, match="already cluster-gated"):
+        gk.replace_mlp_with_moe(moe_model("llama"), 4, 2)
 
 
 def test_dense_split_keeps_the_dense_function_when_all_experts_fire():
