@@ -1,0 +1,1 @@
+"""Diagonal Gaussian-mixture responsibilities (reference, torch and Triton backends) and EM."""

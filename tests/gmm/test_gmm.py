@@ -1,0 +1,187 @@
+"""Gaussian-mixture responsibilities and fit_gmm against float64 and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gavamoe_kernels as gk
+from gavamoe_kernels.gmm import reference as ref
+from gavamoe_kernels.gmm.ops import _gmm_fwd
+from gavamoe_kernels.testing import assert_close_to_reference, max_error, poisoned_empty
+from tests.conftest import ATOL, BACKENDS, DEVICE, DTYPES, skip_unsupported
+
+# (N, D, K): empty, one row, K = 1, D not a power of two, K larger than one block of components
+SHAPES = [(0, 8, 3), (1, 5, 1), (37, 129, 5), (200, 128, 16), (33, 20, 40)]
+SHAPE_IDS = [f"N{n}-D{d}-K{k}" for n, d, k in SHAPES]
+
+
+def make_inputs(N, D, K, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(K, D, generator=g) * 0.7
+    labels = torch.randint(0, K, (N,), generator=g)
+    z = mu[labels] + torch.randn(N, D, generator=g)  # points near their components
+    log_pi = torch.randn(K, generator=g)
+    logvar = torch.randn(K, D, generator=g) * 0.3
+    return z.to(DEVICE, dtype), log_pi.to(DEVICE), mu.to(DEVICE), logvar.to(DEVICE)
+
+
+def _grads(fn, inputs, g):
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    if out.requires_grad:  # no graph at N = 0 in the reference
+        (out * g.to(out)).sum().backward()
+    return out.detach(), [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+
+
+def _scaled_atol(dtype, reference):
+    return ATOL[dtype] * max(1.0, reference.abs().max().item() if reference.numel() else 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_log_responsibilities_and_gradients(shape, backend, dtype):
+    skip_unsupported(backend, dtype)
+    N, D, K = shape
+    inputs = make_inputs(N, D, K, dtype, seed=N + K)
+    g = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
+    with poisoned_empty():
+        out, grads = _grads(lambda *a: gk.gmm_log_responsibilities(*a, backend=backend), inputs, g)
+    assert out.dtype == torch.float32 and out.shape == (N, K)
+    as64 = [t.detach().cpu().double() for t in inputs]
+    out64, grads64 = _grads(ref.log_responsibilities, as64, g)
+    # plain torch in the kernel's arithmetic (fp32) on the same rounded inputs
+    out_base, grads_base = _grads(ref.log_responsibilities, [t.detach().cpu().float() for t in inputs], g)
+    assert_close_to_reference("log_gamma", out.cpu(), out64, out_base, _scaled_atol(torch.float32, out64))
+    for name, got, want, base, inp in zip(("d z", "d log_pi", "d mu", "d logvar"), grads, grads64, grads_base,
+                                          inputs, strict=True):
+        assert got.dtype == inp.dtype, name
+        tol = _scaled_atol(dtype if name == "d z" else torch.float32, want)
+        assert_close_to_reference(name, got.cpu().float(), want, base, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_sum_to_one_and_match_sklearn_predict_proba(backend):
+    mixture = pytest.importorskip("sklearn.mixture")
+    z, log_pi, mu, logvar = make_inputs(300, 12, 4)
+    gamma = gk.gmm_responsibilities(z, log_pi, mu, logvar, backend=backend)
+    torch.testing.assert_close(gamma.sum(-1), torch.ones(300, device=DEVICE), atol=1e-5, rtol=0)
+    gm = mixture.GaussianMixture(4, covariance_type="diag")
+    gm.weights_ = torch.softmax(log_pi.double(), 0).cpu().numpy()
+    gm.means_ = mu.double().cpu().numpy()
+    gm.covariances_ = torch.exp(logvar.double()).cpu().numpy()
+    gm.precisions_cholesky_ = 1.0 / np.sqrt(gm.covariances_)
+    want = gm.predict_proba(z.double().cpu().numpy())
+    np.testing.assert_allclose(gamma.double().cpu().numpy(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_d128_responsibilities_do_not_underflow(backend):
+    """The VaDE/GaVaMoE reference computes exp(log pi + log N) and normalises: at D = 128 in
+    fp32 every term underflows and gamma is 0/0. Ours stays exact and non-uniform."""
+    z, log_pi, mu, logvar = make_inputs(64, 128, 6)
+    naive = ref.naive_responsibilities(z.cpu(), log_pi.cpu(), mu.cpu(), logvar.cpu())
+    assert not torch.isfinite(naive).all() or (naive - 1 / 6).abs().max() < 1e-3  # the bug, as documented
+    gamma = gk.gmm_responsibilities(z, log_pi, mu, logvar, backend=backend)
+    want = torch.exp(ref.log_responsibilities(*(t.double().cpu() for t in (z, log_pi, mu, logvar))))
+    assert torch.isfinite(gamma).all()
+    assert gamma.max(-1).values.min() > 0.9  # points near their own component: confident, not uniform
+    torch.testing.assert_close(gamma.double().cpu(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_pi_need_not_be_normalised(backend):
+    z, log_pi, mu, logvar = make_inputs(20, 7, 3)
+    a = gk.gmm_log_responsibilities(z, log_pi, mu, logvar, backend=backend)
+    b = gk.gmm_log_responsibilities(z, log_pi + 123.0, mu, logvar, backend=backend)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:All-NaN slice")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_row_changes_only_its_own_row(backend):
+    z, log_pi, mu, logvar = make_inputs(30, 9, 4)
+    clean = gk.gmm_log_responsibilities(z, log_pi, mu, logvar, backend=backend)
+    z = z.clone()
+    z[7, 2] = float("nan")
+    dirty = gk.gmm_log_responsibilities(z, log_pi, mu, logvar, backend=backend)
+    others = torch.arange(30) != 7
+    assert torch.equal(dirty[others], clean[others]) and torch.isnan(dirty[7]).all()
+
+
+def test_backends_agree():
+    if len(BACKENDS) < 2:
+        pytest.skip("only one backend on this machine")
+    inputs = make_inputs(200, 128, 16)
+    g = torch.randn(200, 16, generator=torch.Generator().manual_seed(2))
+    results = [_grads(lambda *a, b=b: gk.gmm_log_responsibilities(*a, backend=b), inputs, g) for b in BACKENDS]
+    for out, grads in results[1:]:
+        assert max_error(out, results[0][0]) < 1e-3
+        for a, b in zip(grads, results[0][1], strict=True):
+            assert max_error(a, b) < 1e-3 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    z, log_pi, mu, logvar = make_inputs(11, 6, 3)
+    args = (*(t.clone().requires_grad_() for t in (z, log_pi, mu, logvar)), backend)
+    torch.library.opcheck(_gmm_fwd, args)
+
+
+def _bad_cases():
+    z, log_pi, mu, logvar = make_inputs(5, 4, 3)
+    good = dict(z=z, log_pi=log_pi, mu=mu, logvar=logvar)
+    return {
+        "z-rank": (dict(z=z[None]), "z must have shape (N, D)"),
+        "z-int": (dict(z=z.long()), "z must have dtype"),
+        "log_pi-rank": (dict(log_pi=log_pi[None]), "log_pi must have shape (K,)"),
+        "mu-K": (dict(mu=mu[:2]), "mu must have shape (K, D)"),
+        "mu-D": (dict(mu=mu[:, :3]), "mu must have shape (K, D)"),
+        "logvar-shape": (dict(logvar=logvar[:, :3]), "logvar must have shape (K, D)"),
+        "device": (dict(mu=mu.to("meta")), "mu is on meta"),
+    }, good
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()[0]))
+def test_bad_input_raises_value_error(case):
+    cases, good = _bad_cases()
+    change, message = cases[case]
+    with pytest.raises(ValueError) as info:
+        gk.gmm_log_responsibilities(**{**good, **change})
+    assert message in str(info.value)
+
+
+def _blobs(n, d, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 4
+    scales = torch.rand(k, d, generator=g) + 0.5
+    labels = torch.randint(0, k, (n,), generator=g)
+    return centres[labels] + torch.randn(n, d, generator=g) * scales[labels]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_gmm_reaches_sklearn_likelihood(backend):
+    mixture = pytest.importorskip("sklearn.mixture")
+    z = _blobs(3000 if backend == "torch" else 600, 16, 4)
+    params = gk.fit_gmm(z.to(DEVICE), 4, max_iter=100, tol=1e-3, seed=0, backend=backend)
+    sk = mixture.GaussianMixture(4, covariance_type="diag", tol=1e-3, random_state=0).fit(z.double().numpy())
+    want = sk.score(z.double().numpy())
+    assert params.log_pi.shape == (4,) and params.mu.shape == (4, 16) and params.logvar.shape == (4, 16)
+    assert abs(params.lower_bound - want) <= 0.01 * abs(want), (params.lower_bound, want)
+    # the reported lower bound is the mean log-likelihood of the returned parameters
+    log_norm = gk.gmm_log_prob(z.to(DEVICE), torch.log_softmax(params.log_pi, 0), params.mu, params.logvar)[1]
+    assert log_norm.mean().item() == pytest.approx(params.lower_bound, abs=1e-3)
+
+
+def test_fit_gmm_is_seeded_and_checks_input():
+    z = _blobs(500, 5, 3)
+    a, b = gk.fit_gmm(z, 3, seed=1), gk.fit_gmm(z, 3, seed=1)
+    assert torch.equal(a.mu, b.mu) and a.lower_bound == b.lower_bound
+    with pytest.raises(ValueError, match="at least num_components"):
+        gk.fit_gmm(z[:2], 3)
+    with pytest.raises(ValueError, match="must be finite"):
+        gk.fit_gmm(torch.full((10, 2), float("nan")), 2)
+    with pytest.raises(ValueError, match="num_components must be a positive int"):
+        gk.fit_gmm(z, 0)
