@@ -1,0 +1,144 @@
+"""Stage 1 of GaVaMoE: a VAE over (user, item) pairs with a Gaussian-mixture prior (VaDE).
+
+Encoder: user and item embeddings -> two-layer Transformer encoder over the pair ->
+mu, logvar of z. Decoder: MLP z -> rating. Prior: K diagonal Gaussians (log_pi, mu_c,
+logvar_c). The clusters' responsibilities gamma come from the fused kernel
+(gavamoe_kernels.gmm_log_responsibilities), in log space, so they never underflow.
+
+Rating likelihood: categorical over the five rating values 1..5 (as the reference code
+does); the predicted rating is the expectation under that distribution (used for RMSE/MAE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gavamoe_kernels as gk
+
+NUM_RATINGS = 5
+
+
+@dataclass
+class VaeGmmConfig:
+    num_users: int
+    num_items: int
+    num_clusters: int = 4
+    embed_dim: int = 768
+    latent_dim: int = 128
+    num_heads: int = 8
+    num_layers: int = 2
+    decoder_hidden: int = 256
+    dropout: float = 0.1
+
+
+class VaeGmm(nn.Module):
+    def __init__(self, config: VaeGmmConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.embed_dim % c.num_heads:
+            raise ValueError(f"embed_dim={c.embed_dim} must be a multiple of num_heads={c.num_heads}")
+        self.user_embedding = nn.Embedding(c.num_users, c.embed_dim)
+        self.item_embedding = nn.Embedding(c.num_items, c.embed_dim)
+        nn.init.normal_(self.user_embedding.weight, std=0.1)
+        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        layer = nn.TransformerEncoderLayer(c.embed_dim, c.num_heads, 2 * c.embed_dim, c.dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
+        self.to_mu = nn.Linear(2 * c.embed_dim, c.latent_dim)
+        self.to_logvar = nn.Linear(2 * c.embed_dim, c.latent_dim)
+        self.decoder = nn.Sequential(nn.Linear(c.latent_dim, c.decoder_hidden), nn.GELU(),
+                                     nn.Linear(c.decoder_hidden, NUM_RATINGS))
+        self.log_pi = nn.Parameter(torch.zeros(c.num_clusters))
+        self.mu_c = nn.Parameter(torch.randn(c.num_clusters, c.latent_dim))
+        self.logvar_c = nn.Parameter(torch.zeros(c.num_clusters, c.latent_dim))
+
+    def encode(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z | user, item); each (B, latent_dim)."""
+        pair = torch.stack([self.user_embedding(users), self.item_embedding(items)], dim=1)  # [B, 2, E]
+        h = self.encoder(pair).flatten(1)  # [B, 2E]
+        return self.to_mu(h), self.to_logvar(h).clamp(-10, 10)
+
+    def rating_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # [B, 5] over ratings 1..5
+
+    @staticmethod
+    def expected_rating(logits: torch.Tensor) -> torch.Tensor:
+        values = torch.arange(1, NUM_RATINGS + 1, device=logits.device, dtype=torch.float32)
+        return torch.softmax(logits.float(), -1) @ values
+
+    def prior(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised log_pi, mu_c, logvar_c)."""
+        return torch.log_softmax(self.log_pi, 0), self.mu_c, self.logvar_c
+
+    def log_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """log gamma (B, K) = log p(c | z) under the prior, from the fused kernel."""
+        return gk.gmm_log_responsibilities(z, *self.prior())
+
+    def reconstruction_loss(self, users, items, ratings, sample: bool = True) -> torch.Tensor:
+        """Autoencoder pretraining: cross-entropy of the rating class from z (mu when not sampling)."""
+        mu, logvar = self.encode(users, items)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return F.cross_entropy(self.rating_logits(z), rating_class(ratings))
+
+    def elbo_loss(self, users, items, ratings, beta: float = 0.1) -> dict[str, torch.Tensor]:
+        """beta-ELBO (VaDE): loss = -E_q log p(r | z) + beta * KL(q(z, c | x) || p(z, c)).
+
+        KL = 0.5 sum_c gamma_c sum_d (logvar_c + exp(logvar_q - logvar_c) + (mu_q - mu_c)^2 / var_c)
+             - sum_c gamma_c (log pi_c - log gamma_c) - 0.5 sum_d (1 + logvar_q),
+        with gamma = p(c | z) at the sampled z. Returns loss, reconstruction and kl (batch means)."""
+        mu, logvar = self.encode(users, items)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        recon = F.cross_entropy(self.rating_logits(z), rating_class(ratings))
+        log_pi, mu_c, logvar_c = self.prior()
+        log_gamma = gk.gmm_log_responsibilities(z, log_pi, mu_c, logvar_c)  # [B, K]
+        gamma = torch.exp(log_gamma)
+        inv_var_c = torch.exp(-logvar_c)  # [K, D]
+        per_cluster = (logvar_c[None] + torch.exp(logvar[:, None] - logvar_c[None])
+                       + (mu[:, None] - mu_c[None]).square() * inv_var_c[None]).sum(-1)  # [B, K]
+        kl = (0.5 * (gamma * per_cluster).sum(-1) - (gamma * (log_pi[None] - log_gamma)).sum(-1)
+              - 0.5 * (1 + logvar).sum(-1)).mean()
+        return {"loss": recon + beta * kl, "reconstruction": recon, "kl": kl}
+
+    @torch.no_grad()
+    def latents(self, users: torch.Tensor, items: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Posterior means mu (N, latent_dim) of many pairs, in batches."""
+        device = self.log_pi.device
+        out = [self.encode(users[i:i + batch_size].to(device), items[i:i + batch_size].to(device))[0]
+               for i in range(0, len(users), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.config.latent_dim, device=device)
+
+    @torch.no_grad()
+    def assign_clusters(self, users: torch.Tensor, items: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Cluster of each (user, item) pair: argmax_c gamma at z = mu. Works for unseen pairs
+        of known users and items. (N,) int64 on the model's device."""
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.latents(users, items, batch_size)
+            return self.log_responsibilities(z).argmax(-1) if len(z) else z.new_empty(0, dtype=torch.long)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def init_prior(self, params: gk.GmmParams) -> None:
+        self.log_pi.copy_(params.log_pi)
+        self.mu_c.copy_(params.mu)
+        self.logvar_c.copy_(params.logvar)
+
+    def checkpoint(self) -> dict:
+        return {"config": asdict(self.config), "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> VaeGmm:
+        model = cls(VaeGmmConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+
+def rating_class(ratings: torch.Tensor) -> torch.Tensor:
+    """Ratings 1..5 (any float) -> class indices 0..4."""
+    return (ratings.round().clamp(1, NUM_RATINGS) - 1).long()

@@ -1,0 +1,48 @@
+"""Figures of a run: loss curves and the latent space coloured by cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+
+def loss_curves(phases: dict[str, list[float]], path: Path, title: str) -> None:
+    """One panel per phase (e.g. pretraining, ELBO), loss against step."""
+    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], phases.items(), strict=True):
+        ax.plot(values, lw=0.8)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latent_space(z: torch.Tensor, clusters: torch.Tensor, path: Path, title: str, max_points: int = 5000) -> None:
+    """2-D PCA of latents, one colour per cluster (the paper's Fig. 5)."""
+    z, clusters = z.float().cpu(), clusters.cpu()
+    if len(z) > max_points:
+        keep = torch.randperm(len(z), generator=torch.Generator().manual_seed(0))[:max_points]
+        z, clusters = z[keep], clusters[keep]
+    centred = z - z.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = centred @ v[:2].T
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c in clusters.unique().tolist():
+        sel = clusters == c
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=0.5, label=f"cluster {c} ({int(sel.sum())})")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title)
+    ax.legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""Stage 1 end to end on a small synthetic set: files, metrics, recovery of planted groups."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gavamoe.data import make_synthetic
+from gavamoe.metrics import adjusted_rand_index
+from gavamoe.models import VaeGmm
+from gavamoe.train import main
+
+SMALL = ["--embed-dim", "64", "--latent-dim", "16", "--synthetic-users", "600", "--synthetic-items", "400",
+         "--synthetic-records", "12000", "--pretrain-epochs", "3", "--epochs", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["--out", str(out), "--stage", "1", *SMALL]) == 0
+    return out
+
+
+def test_stage1_writes_the_contracted_files(run):
+    stage = run / "stage1"
+    for name in ("model.pt", "assignments.csv", "metrics.json", "loss_curve.png", "latent_space.png"):
+        assert (stage / name).stat().st_size > 0, name
+    data = make_synthetic(600, 400, 12000, 4, seed=0)
+    with open(stage / "assignments.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["user", "item", "cluster"]
+    assert len(rows) - 1 == len(data.splits["train"])
+    train = data.split("train")
+    assert [rows[1][0], rows[1][1]] == [train[0]["user"], train[0]["item"]]
+    assert {int(r[2]) for r in rows[1:]} <= set(range(4))
+
+
+def test_stage1_learns_ratings_and_recovers_planted_groups(run):
+    """Measured on this configuration over seeds 0-2: ARI 0.56-0.61, test RMSE 0.64-0.69 against
+    about 1.5 for predicting the mean. A partition independent of the groups scores about 0."""
+    metrics = json.loads((run / "stage1" / "metrics.json").read_text())
+    data = make_synthetic(600, 400, 12000, 4, seed=0)
+    test = data.tensors("test")["rating"].numpy()
+    mean_baseline = float(np.sqrt(np.mean((test - data.tensors("train")["rating"].numpy().mean()) ** 2)))
+    assert metrics["test"]["rmse"] < 0.6 * mean_baseline
+    assert sum(metrics["cluster_sizes"]) == len(data.splits["train"])
+    assert metrics["ari"] >= 0.4
+    groups = data.tensors("train")["group"].numpy()
+    shuffled = np.random.default_rng(0).permutation(groups)
+    assert abs(adjusted_rand_index(shuffled, groups)) < 0.05  # the control: chance level is near 0
+
+
+def test_assign_clusters_on_unseen_pairs(run):
+    model = VaeGmm.from_checkpoint(torch.load(run / "stage1" / "model.pt", weights_only=True))
+    data = make_synthetic(600, 400, 12000, 4, seed=0)
+    seen = {(r["user_idx"], r["item_idx"]) for r in data.split("train")}
+    users, items = torch.tensor([3, 10, 599]), torch.tensor([399, 7, 0])
+    assert not any((u, i) in seen for u, i in zip(users.tolist(), items.tolist(), strict=True))
+    clusters = model.assign_clusters(users, items)
+    assert clusters.shape == (3,) and ((clusters >= 0) & (clusters < 4)).all()
+    assert model.assign_clusters(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0,)
+
+
+def test_stage2_is_reported_missing(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--stage", "2"]) == 2
+    assert "stage 2" in capsys.readouterr().err
