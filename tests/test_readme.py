@@ -20,3 +20,4 @@ def test_readme_examples_run():
         exec(compile(block, str(README), "exec"), namespace)
     assert namespace["out"].shape == (3, 10, 64)
     assert namespace["gen"].shape[0] == 2
+    assert namespace["gamma"].shape == (10000, 4)

@@ -12,8 +12,9 @@ from gavamoe_kernels.gmm.ops import _gmm_fwd
 from gavamoe_kernels.testing import assert_close_to_reference, max_error, poisoned_empty
 from tests.conftest import ATOL, BACKENDS, DEVICE, DTYPES, skip_unsupported
 
-# (N, D, K): empty, one row, K = 1, D not a power of two, K larger than one block of components
-SHAPES = [(0, 8, 3), (1, 5, 1), (37, 129, 5), (200, 128, 16), (33, 20, 40)]
+# (N, D, K): empty, one row, K = 1, D not a power of two, K larger than one block of components,
+# and past the stated limits D = 1024, K = 256
+SHAPES = [(0, 8, 3), (1, 5, 1), (37, 129, 5), (200, 128, 16), (33, 20, 40), (9, 1030, 3), (6, 12, 257)]
 SHAPE_IDS = [f"N{n}-D{d}-K{k}" for n, d, k in SHAPES]
 
 
@@ -89,6 +90,26 @@ def test_d128_responsibilities_do_not_underflow(backend):
     assert torch.isfinite(gamma).all()
     assert gamma.max(-1).values.min() > 0.9  # points near their own component: confident, not uniform
     torch.testing.assert_close(gamma.double().cpu(), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cluster_choice_weighs_log_pi_not_pi(backend):
+    """The GaVaMoE reference adds pi where it means log pi. Here z is 3 nats likelier under
+    component 1, but component 0 is 999 times more probable a priori: log pi decides for 0
+    (6.9 > 3), the buggy pi would decide for 1 (0.998 < 3)."""
+    D = 4
+    mu = torch.tensor([[0.0] * D, [1.0] * D], device=DEVICE)
+    logvar = torch.zeros(2, D, device=DEVICE)
+    # log N1 - log N0 = 0.5 * (|z - mu0|^2 - |z - mu1|^2) = 0.5 * (2 s D - D) = 3  =>  s = 1.25
+    z = torch.full((1, D), 1.25, device=DEVICE)
+    pi = torch.tensor([0.999, 0.001], device=DEVICE)
+    log_n = ref.component_log_prob(z.double().cpu(), torch.zeros(2, dtype=torch.float64), mu.double().cpu(),
+                                   logvar.double().cpu())
+    assert (log_n[0, 1] - log_n[0, 0]).item() == pytest.approx(3.0)
+    assert (log_n + pi.double().cpu()).argmax(-1).item() == 1  # the bug
+    gamma = gk.gmm_responsibilities(z, torch.log(pi), mu, logvar, backend=backend)
+    assert gamma.argmax(-1).item() == 0
+    assert gamma[0, 0].item() == pytest.approx(1 / (1 + np.exp(3 - np.log(999))), rel=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
