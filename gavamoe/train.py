@@ -28,9 +28,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-groups", type=int, default=4)
     defaults = Stage1Config()
     for f in fields(Stage1Config):
+        if f.name == "embed_dim":
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))
+    p.add_argument("--embed-dim", type=int, default=None,
+                   help=f"user/item embedding size (default: {defaults.embed_dim} as in the paper; "
+                        f"{SYNTHETIC_EMBED_DIM} on the synthetic data, where it fits the data size)")
     return p.parse_args(argv)
+
+
+# On the default synthetic data (2,000 users, 32,000 training records) 768-wide embeddings
+# overfit: test RMSE 0.578, ARI 0.276 in 386 s, against 0.519, ARI 0.585 in 43 s at 128.
+SYNTHETIC_EMBED_DIM = 128
 
 
 def main(argv=None) -> int:
@@ -44,6 +54,8 @@ def main(argv=None) -> int:
                               args.synthetic_groups, seed=args.seed)
     else:
         data = load_peter(args.data, args.index_dir, seed=args.seed)
+    if args.embed_dim is None:
+        args.embed_dim = SYNTHETIC_EMBED_DIM if args.data == "synthetic" else Stage1Config.embed_dim
     config = Stage1Config(**{f.name: getattr(args, f.name) for f in fields(Stage1Config)})
     _, metrics = train_stage1(data, args.out, config)
     summary = {k: v for k, v in metrics.items() if k != "config"}

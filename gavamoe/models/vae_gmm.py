@@ -50,6 +50,10 @@ class VaeGmm(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
         self.to_mu = nn.Linear(2 * c.embed_dim, c.latent_dim)
         self.to_logvar = nn.Linear(2 * c.embed_dim, c.latent_dim)
+        # pretraining uses z = mu and never trains this head: start the posterior narrow
+        # (std 0.14) so that sampling in the ELBO phase does not drown the pretrained signal
+        nn.init.zeros_(self.to_logvar.weight)
+        nn.init.constant_(self.to_logvar.bias, -4.0)
         self.decoder = nn.Sequential(nn.Linear(c.latent_dim, c.decoder_hidden), nn.GELU(),
                                      nn.Linear(c.decoder_hidden, NUM_RATINGS))
         self.log_pi = nn.Parameter(torch.zeros(c.num_clusters))
