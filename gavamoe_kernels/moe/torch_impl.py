@@ -61,13 +61,14 @@ def route_logits_grad(d_logits, d_weights, logits, topk_weights, topk_ids, norma
 def route_bwd(d_logits, d_weights, hidden, gate_weight, cluster_ids, logits, topk_weights, topk_ids,
               normalize):
     """(d_hidden [T,H], d_gate_weight [C,E,H]) in the inputs' dtypes."""
-    C = gate_weight.shape[0]
+    C, E, H = gate_weight.shape
     d_l = route_logits_grad(d_logits, d_weights, logits, topk_weights, topk_ids, normalize)
-    cid = cluster_ids.long()
-    d_hidden = torch.einsum("te,teh->th", d_l, gate_weight[cid].float())
-    # scatter each token's outer product into its cluster: one-hot over C keeps it a matmul
-    onehot = F.one_hot(cid, C).float()  # [T, C]
-    d_gate = torch.einsum("tc,te,th->ceh", onehot, d_l, hidden.float())
+    # each token's d_logits in its own cluster's block of a [T, C*E] matrix, zeros elsewhere:
+    # both gradients are then one matmul against all C gates, as in the forward (no per-token
+    # copy of the gate)
+    wide = (F.one_hot(cluster_ids.long(), C).float()[:, :, None] * d_l[:, None, :]).reshape(-1, C * E)
+    d_hidden = wide @ gate_weight.reshape(C * E, H).float()
+    d_gate = (wide.T @ hidden.float()).view(C, E, H)
     return d_hidden.to(hidden.dtype), d_gate.to(gate_weight.dtype)
 
 
