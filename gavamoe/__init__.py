@@ -1,1 +1,2 @@
-"""GaVaMoE explainable recommender (model package; arrives with the stage 1 and stage 2 issues)."""
+"""GaVaMoE explainable recommender: data, stage-1 VAE-GMM, stage-2 MoE explainer, training
+(python -m gavamoe.train), generation (gavamoe.generate), evaluation (gavamoe.evaluate), demo."""

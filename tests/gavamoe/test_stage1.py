@@ -64,7 +64,3 @@ def test_assign_clusters_on_unseen_pairs(run):
     assert clusters.shape == (3,) and ((clusters >= 0) & (clusters < 4)).all()
     assert model.assign_clusters(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0,)
 
-
-def test_stage2_is_reported_missing(tmp_path, capsys):
-    assert main(["--out", str(tmp_path), "--stage", "2"]) == 2
-    assert "stage 2" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""Stage 2 text: the explanation prompt, the embedded tokenizer, and padded batches.
+
+The prompt follows the paper's Fig. 2: a system sentence, then "The user has a {positive /
+negative} experience with the item, the item has {features} features, please provide an
+explanation for recommending <item> to <user>." The two placeholder tokens ``<user>`` and
+``<item>`` are where the explainer splices in the projected stage-1 embeddings. As in PEPLER's
+feature-prompt setting, the feature and the sentiment come from the record's template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SYSTEM_PROMPT = "You are a recommender system that tells each user why an item suits them."
+INSTRUCTION = ("The user has a {sentiment} experience with the item, the item has {features} features, "
+               "please provide an explanation for recommending {item} to {user}.")
+USER_TOKEN, ITEM_TOKEN = "<user>", "<item>"
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+IGNORE = -100  # label of prompt and padding positions: no loss there
+
+
+def feature(record: dict) -> str:
+    return str(record["template"][0])
+
+
+def explanation(record: dict) -> str:
+    return str(record["template"][2])
+
+
+def positive(record: dict) -> bool:
+    """The template's sentiment (+1 / -1 in PETER data); the rating where it is missing."""
+    sentiment = record["template"][3]
+    return float(sentiment) > 0 if sentiment is not None else float(record["rating"]) >= 3
+
+
+def prompt_text(record: dict, tokenizer) -> str:
+    """The prompt of one record, through the tokenizer's chat template when it has one."""
+    instruction = INSTRUCTION.format(sentiment="positive" if positive(record) else "negative",
+                                     features=feature(record), item=ITEM_TOKEN, user=USER_TOKEN)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_PROMPT} {instruction}"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 4000):
+    """A byte-level BPE tokenizer trained on ``texts`` with the ``tokenizers`` library, wrapped
+    as a transformers PreTrainedTokenizerFast; knows <s> </s> <pad> <unk> <user> <item>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS, UNK, USER_TOKEN, ITEM_TOKEN]
+    core = Tokenizer(models.BPE(unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, additional_special_tokens=[USER_TOKEN, ITEM_TOKEN])
+
+
+def prepare_tokenizer(tokenizer):
+    """Give a pretrained tokenizer the placeholder tokens and a pad token (GPT-2 has none).
+    Returns True when the vocabulary grew (the model's embeddings must be resized)."""
+    before = len(tokenizer)
+    missing = [t for t in (USER_TOKEN, ITEM_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return len(tokenizer) != before
+
+
+@dataclass
+class EncodedSplit:
+    """One split, tokenised once: prompt and explanation token ids per record, plus the
+    record's user/item indices and rating."""
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+    users: torch.Tensor  # (n,) int64
+    items: torch.Tensor  # (n,) int64
+    ratings: torch.Tensor  # (n,) fp32
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def encode(records: list[dict], tokenizer, max_explanation_tokens: int = 32) -> EncodedSplit:
+    """Tokenise prompts (BOS first when the tokenizer has one and no chat template added it) and
+    explanations (cut to ``max_explanation_tokens``, then EOS)."""
+    prompts = [prompt_text(r, tokenizer) for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if records else []
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        prompt_ids = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompt_ids]
+    texts = [" " + explanation(r).strip() for r in records]
+    target_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if records else []
+    targets = [[*ids[:max_explanation_tokens], tokenizer.eos_token_id] for ids in target_ids]
+    return EncodedSplit(prompt_ids, targets,
+                        torch.tensor([r["user_idx"] for r in records], dtype=torch.long),
+                        torch.tensor([r["item_idx"] for r in records], dtype=torch.long),
+                        torch.tensor([float(r["rating"]) for r in records], dtype=torch.float32))
+
+
+def training_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompt + explanation, right-padded. labels hold the explanation tokens only (IGNORE
+    elsewhere), so the loss is the NLL of the explanation."""
+    seqs = [split.prompts[i] + split.targets[i] for i in rows]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, i in enumerate(rows):
+        n_prompt, n = len(split.prompts[i]), len(seqs[b])
+        input_ids[b, :n] = torch.tensor(seqs[b])
+        labels[b, n_prompt:n] = torch.tensor(split.targets[i])
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "users": split.users[rows], "items": split.items[rows], "ratings": split.ratings[rows]}
+
+
+def prompt_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts only, left-padded for generation."""
+    width = max(len(split.prompts[i]) for i in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, i in enumerate(rows):
+        n = len(split.prompts[i])
+        input_ids[b, width - n:] = torch.tensor(split.prompts[i])
+        attention_mask[b, width - n:] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "users": split.users[rows], "items": split.items[rows]}

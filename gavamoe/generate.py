@@ -1,0 +1,99 @@
+"""python -m gavamoe.generate --run RUN_DIR --split test --out PRED.jsonl
+
+Explanations from a trained run (RUN_DIR/stage2/model.pt) for one split of the run's data:
+batched, left-padded prompts, the KV cache, greedy by default or sampling (--sample with
+--temperature / --top-p). Writes one JSON object per line: user, item, cluster, features,
+reference, generated (and rating, user_train_count for the sparsity breakdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import ReviewData
+from .data import text as text_data
+from .models.explainer import Explainer, load_tokenizer
+from .train import load_data
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[Explainer, object, ReviewData, dict]:
+    """(model, tokenizer, data, stage-2 training config) of a finished run."""
+    run_dir = Path(run_dir)
+    model_path = run_dir / "stage2" / "model.pt"
+    if not model_path.exists():
+        raise ValueError(f"{model_path} not found: train stage 2 first (python -m gavamoe.train --out {run_dir})")
+    tokenizer = load_tokenizer(str(run_dir / "stage2" / "tokenizer"))
+    model = Explainer.from_checkpoint(torch.load(model_path, weights_only=True, map_location="cpu"), tokenizer)
+    data = load_data(json.loads((run_dir / "data.json").read_text()))
+    config = json.loads((run_dir / "stage2" / "metrics.json").read_text())["config"]
+    return model.to(device).eval(), tokenizer, data, config
+
+
+def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size: int = 64, max_new_tokens: int = 33,
+                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                   max_explanation_tokens: int = 32) -> tuple[list[str], list[int]]:
+    """(generated texts, stage-1 clusters) for ``records``, in their order."""
+    device = next(model.parameters()).device
+    split = text_data.encode(records, tokenizer, max_explanation_tokens)
+    texts, clusters = [], []
+    for s in tqdm(range(0, len(split), batch_size), desc="generate", disable=None, mininterval=0.5):
+        batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        cluster = model.vae.assign_clusters(batch["users"], batch["items"])
+        gates = cluster if model.config.multi_gating else torch.zeros_like(cluster)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.generate(**batch, cluster_ids=gates, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                 temperature=temperature, top_p=top_p)
+        texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        clusters += cluster.tolist()
+    return texts, clusters
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gavamoe.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, type=Path, help="run directory of python -m gavamoe.train")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--out", required=True, type=Path, help="JSONL file to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the training length cap + 1")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records of the split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 0):
+        p.error("--batch-size must be positive and --limit non-negative")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be positive and --top-p in (0, 1]")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer, data, config = load_run(args.run, args.device)
+    records = data.split(args.split)[:args.limit]
+    max_new = args.max_new_tokens or config["max_explanation_tokens"] + 1
+    texts, clusters = generate_split(model, tokenizer, records, args.batch_size, max_new, args.sample,
+                                     args.temperature, args.top_p, config["max_explanation_tokens"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        for record, generated, cluster in zip(records, texts, clusters, strict=True):
+            f.write(json.dumps({"user": record["user"], "item": record["item"], "cluster": cluster,
+                                "features": [text_data.feature(record)], "reference": text_data.explanation(record),
+                                "generated": generated, "rating": float(record["rating"]),
+                                "user_train_count": int(data.user_train_freq[record["user_idx"]])}) + "\n")
+    print(f"wrote {len(records)} explanations to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Stage 2 of GaVaMoE: the multi-gating MoE explainer.
+
+A decoder LLM whose every MLP is a ClusterGatedMoE (gavamoe_kernels.replace_mlp_with_moe) with
+one gate per stage-1 cluster. The prompt's ``<user>`` and ``<item>`` positions carry the stage-1
+VAE's user and item embeddings projected to the LLM's width; the cluster of the (user, item)
+pair, argmax of the VAE's responsibilities, picks the gate in every layer.
+
+Training loss (paper eq. 13): alpha * L_ELBO + (1 - alpha) * NLL(explanation tokens)
++ aux_coef * load-balancing loss of the MoE layers.
+
+Ablations: ``multi_gating=False`` gives every cluster one shared gate (C = 1); ``dense=True``
+keeps the base LLM's dense MLPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+import gavamoe_kernels as gk
+
+from ..data.text import ITEM_TOKEN, USER_TOKEN, prepare_tokenizer
+from .vae_gmm import VaeGmm
+
+# Attention projections that LoRA adapts, per architecture family.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "attn.c_proj"]
+
+
+@dataclass
+class ExplainerConfig:
+    base_model: str | None = None  # None: the embedded tiny LLaMA below, built from a config
+    num_clusters: int = 4
+    num_experts: int = 12
+    top_k: int = 2
+    # the paper's 1280 at LLaMA-8B width (4096); None scales it to the base model: H * 1280 / 4096
+    expert_intermediate: int | None = None
+    multi_gating: bool = True
+    dense: bool = False
+    lora_rank: int = 0  # > 0: LoRA on the attention projections; the base LLM's other weights freeze
+    # the embedded tiny LLaMA
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    dense_intermediate: int = 344
+    max_positions: int = 512
+
+    @property
+    def num_gates(self) -> int:
+        return self.num_clusters if self.multi_gating else 1
+
+
+def expert_intermediate(config: ExplainerConfig, hidden_size: int) -> int:
+    if config.expert_intermediate is not None:
+        return config.expert_intermediate
+    return max(8, round(hidden_size * 1280 / 4096 / 8) * 8)
+
+
+def tiny_llama(config: ExplainerConfig, vocab_size: int, tokenizer) -> nn.Module:
+    """A small LLaMA-architecture causal LM from a config (nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=config.hidden_size,
+                        intermediate_size=config.dense_intermediate, num_hidden_layers=config.num_layers,
+                        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+                        max_position_embeddings=config.max_positions, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(llama)
+
+
+def load_language_model(config: ExplainerConfig, tokenizer) -> nn.Module:
+    """The base LLM, dense: the tiny LLaMA, or ``config.base_model`` from a local path or the Hub,
+    with its embeddings resized for the placeholder tokens."""
+    if config.base_model is None:
+        return tiny_llama(config, len(tokenizer), tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(config.base_model)
+    if lm.get_input_embeddings().num_embeddings < len(tokenizer):
+        lm.resize_token_embeddings(len(tokenizer))
+    return lm
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+class Explainer(nn.Module):
+    """The stage-1 VAE, the (MoE-patched) LLM and the two embedding projections."""
+
+    def __init__(self, config: ExplainerConfig, vae: VaeGmm, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vae = vae
+        self.lm = lm
+        hidden = lm.get_input_embeddings().embedding_dim
+        self.user_proj = nn.Linear(vae.config.embed_dim, hidden)
+        self.item_proj = nn.Linear(vae.config.embed_dim, hidden)
+        self.user_token_id = tokenizer.convert_tokens_to_ids(USER_TOKEN)
+        self.item_token_id = tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        if not config.dense:
+            gk.replace_mlp_with_moe(lm, config.num_experts, config.num_gates, config.top_k,
+                                    intermediate_size=expert_intermediate(config, hidden), init="random")
+        if config.lora_rank > 0:
+            self._add_lora()
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = {n for n, _ in self.lm.named_modules()}
+        targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n in names)]
+        if not targets:
+            raise ValueError(f"found no attention projection ({', '.join(LORA_TARGETS)}) for LoRA in "
+                             f"{type(self.lm).__name__}")
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank, target_modules=targets)
+        inject_adapter_in_model(lora, self.lm)
+        for name, p in self.lm.named_parameters():
+            if "lora_" in name or ".moe." in name:
+                p.requires_grad_(True)
+
+    @torch.no_grad()
+    def cluster_ids(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Gate of each (user, item): its stage-1 cluster, or 0 for every pair without multi-gating."""
+        if not self.config.multi_gating:
+            return torch.zeros_like(users)
+        return self.vae.assign_clusters(users, items)
+
+    def input_embeddings(self, input_ids: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, S, H) with every <user> / <item> position replaced by the row's
+        projected user / item embedding; vectorised over the batch."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # [B, S, H]
+        user = self.user_proj(self.vae.user_embedding(users)).to(embeds.dtype)  # [B, H]
+        item = self.item_proj(self.vae.item_embedding(items)).to(embeds.dtype)
+        embeds = torch.where((input_ids == self.user_token_id)[..., None], user[:, None], embeds)
+        return torch.where((input_ids == self.item_token_id)[..., None], item[:, None], embeds)
+
+    def _gates(self, cluster_ids: torch.Tensor) -> dict:
+        return {} if self.config.dense else {"cluster_ids": cluster_ids}
+
+    def forward(self, input_ids, attention_mask, labels, users, items, ratings,
+                alpha: float, beta: float, aux_coef: float) -> dict[str, torch.Tensor]:
+        """Stage-2 loss of one batch: input_ids/attention_mask/labels (B, S) from
+        gavamoe.data.text.training_batch; users, items (B,) int64; ratings (B,) fp32."""
+        elbo = self.vae.elbo_loss(users, items, ratings, beta)
+        out = self.lm(inputs_embeds=self.input_embeddings(input_ids, users, items), attention_mask=attention_mask,
+                      labels=labels, **self._gates(self.cluster_ids(users, items)))
+        aux = gk.collect_aux_loss(self.lm) if not self.config.dense else None
+        aux = aux if aux is not None else out.loss.new_zeros(())
+        loss = alpha * elbo["loss"] + (1 - alpha) * out.loss + aux_coef * aux
+        return {"loss": loss, "elbo": elbo["loss"].detach(), "nll": out.loss.detach(), "aux": aux.detach()}
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, users, items, cluster_ids=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+        """Explanations for left-padded prompts (gavamoe.data.text.prompt_batch): the new tokens
+        (B, <= max_new_tokens), padded with pad_token_id after EOS. Uses the KV cache."""
+        if cluster_ids is None:
+            cluster_ids = self.cluster_ids(users, items)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample \
+            else {"do_sample": False}
+        return self.lm.generate(inputs_embeds=self.input_embeddings(input_ids, users, items),
+                                attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                                **sampling, **self._gates(cluster_ids))
+
+    def checkpoint(self) -> dict:
+        return {"config": asdict(self.config), "vae_config": asdict(self.vae.config),
+                "state_dict": self.state_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, tokenizer) -> Explainer:
+        from .vae_gmm import VaeGmmConfig
+
+        config = ExplainerConfig(**checkpoint["config"])
+        model = cls(config, VaeGmm(VaeGmmConfig(**checkpoint["vae_config"])),
+                    load_language_model(config, tokenizer), tokenizer)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model

@@ -1,0 +1,315 @@
+"""Stage 2 of GaVaMoE: train the multi-gating MoE explainer on top of stage 1.
+
+Loss per batch (paper eq. 13): alpha * beta-ELBO of the VAE + (1 - alpha) * NLL of the
+explanation tokens + aux_coef * the MoE layers' load-balancing loss. AdamW, gradient
+accumulation, gradient clipping, linear warm-up then cosine decay, bf16 autocast on CUDA.
+Under ``torchrun`` the same code trains with DistributedDataParallel (gloo on the CPU, NCCL on
+GPUs): each rank takes its share of every global batch, and rank 0 writes the files.
+
+What trains: everything in the Explainer (the VAE through the ELBO and through the spliced
+embeddings, the two projections, the LLM including every gate and expert), except with
+``lora_rank > 0``, where the base LLM's own weights freeze and only the LoRA adapters on
+attention, the MoE gates and experts, the projections and the VAE train.
+
+Writes RUN_DIR/stage2/{model.pt, tokenizer/, metrics.json, loss_curve.png} and, while it
+runs, checkpoint.pt, from which ``resume=True`` continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import plots
+from .data import ReviewData
+from .data import text as text_data
+from .models import VaeGmm
+from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
+
+
+@dataclass
+class Stage2Config:
+    base_model: str | None = None
+    num_experts: int = 12
+    top_k: int = 2
+    expert_intermediate: int | None = None
+    multi_gating: bool = True
+    dense: bool = False
+    lora_rank: int = 0
+    epochs: int = 1
+    batch_size: int = 32  # per process and micro-step
+    grad_accum: int = 1
+    # None: 3e-3 for the embedded tiny LLaMA trained from scratch, 1e-4 for a pretrained --base-model
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    clip: float = 0.3
+    # weight of the ELBO in eq. 13; ours, chosen so the NLL leads while the VAE stays anchored
+    alpha: float = 0.2
+    beta: float = 0.01  # the ELBO's KL weight, as in stage 1
+    # the Switch/Mixtral load-balancing coefficient (their 0.01)
+    aux_coef: float = 0.01
+    max_explanation_tokens: int = 32
+    vocab_size: int = 4000  # of the embedded tokenizer
+    checkpoint_every: int = 200  # optimizer steps
+    stop_after: int = 0  # > 0: stop after this many optimizer steps in this call (a checkpoint is written)
+    resume: bool = False
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "epochs", "batch_size", "grad_accum", "max_explanation_tokens",
+                     "vocab_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be at most num_experts={self.num_experts}, got {self.top_k}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
+        if min(self.beta, self.aux_coef, self.clip, self.weight_decay, self.lora_rank, self.stop_after) < 0 \
+                or (self.lr is not None and self.lr <= 0) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("lr must be positive, warmup_ratio in [0, 1), and beta, aux_coef, clip, weight_decay, "
+                             "lora_rank, stop_after non-negative")
+        if self.dense and not self.multi_gating:
+            raise ValueError("--dense has no gates: it cannot be combined with --no-multi-gating")
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def distributed_context(device: str) -> _Dist:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _device(config: Stage2Config, ctx: _Dist) -> torch.device:
+    device = torch.device(config.device)
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _tokenizer(config: Stage2Config, data: ReviewData, stage_dir: Path, ctx: _Dist):
+    """The saved tokenizer when there is one (resume, other ranks), else train or load it (rank 0)."""
+    saved = stage_dir / "tokenizer"
+    if ctx.main and not (config.resume and saved.exists()):
+        if config.base_model is None:
+            train = data.split("train")[:50000]
+            texts = [text_data.prompt_text(r, None) + " " + text_data.explanation(r) for r in train]
+            tokenizer = text_data.train_tokenizer(texts, config.vocab_size)
+        else:
+            tokenizer = load_tokenizer(config.base_model)
+        tokenizer.save_pretrained(saved)
+    ctx.barrier()
+    return load_tokenizer(str(saved))
+
+
+def build_explainer(config: Stage2Config, vae: VaeGmm, tokenizer) -> Explainer:
+    explainer_config = ExplainerConfig(
+        base_model=config.base_model, num_clusters=vae.config.num_clusters, num_experts=config.num_experts,
+        top_k=config.top_k, expert_intermediate=config.expert_intermediate, multi_gating=config.multi_gating,
+        dense=config.dense, lora_rank=config.lora_rank)
+    return Explainer(explainer_config, vae, load_language_model(explainer_config, tokenizer), tokenizer)
+
+
+def _schedule(total_steps: int, warmup_ratio: float):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    warmup = max(1, math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _epoch_batches(n: int, epoch: int, config: Stage2Config, ctx: _Dist) -> list[list[int]]:
+    """This rank's micro-batches of one epoch. The seeded permutation is padded by wrapping to a
+    whole number of global batches (batch_size x world), so every rank takes the same number of
+    equal steps; rank r takes the r-th slice of each global batch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch)).tolist()
+    global_batch = config.batch_size * ctx.world
+    steps = math.ceil(n / global_batch)
+    order = (order * math.ceil(steps * global_batch / n))[:steps * global_batch]
+    return [order[s * global_batch + ctx.rank * config.batch_size:][:config.batch_size] for s in range(steps)]
+
+
+def weight_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in state_dict order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def explanation_nll(model: Explainer, split: text_data.EncodedSplit, batch_size: int, device, limit: int = 2000):
+    """Mean NLL per explanation token (and its perplexity) on the first ``limit`` records."""
+    model.eval()
+    total, tokens = 0.0, 0
+    rows = list(range(min(limit, len(split))))
+    for s in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in text_data.training_batch(split, rows[s:s + batch_size],
+                                                                      model.pad_token_id).items()}
+        out = model(**batch, alpha=0.0, beta=0.0, aux_coef=0.0)
+        n = int((batch["labels"][:, 1:] != text_data.IGNORE).sum())
+        total, tokens = total + float(out["nll"]) * n, tokens + n
+    model.train()
+    nll = total / max(tokens, 1)
+    return {"nll": nll, "perplexity": math.exp(nll)}
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "rng": torch.get_rng_state(), **state}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint
+
+
+def train_stage2(data: ReviewData, out_dir: Path, config: Stage2Config) -> tuple[Explainer, dict] | None:
+    """Train stage 2 from out_dir/stage1/model.pt. Returns (model, metrics) on rank 0, or None
+    when the run stopped early (``stop_after``) or on the other ranks."""
+    out_dir = Path(out_dir)
+    stage1 = out_dir / "stage1" / "model.pt"
+    if not stage1.exists():
+        raise ValueError(f"{stage1} not found: run stage 1 first (--stage 1 or --stage all)")
+    if config.resume and not (out_dir / "stage2" / "checkpoint.pt").exists():
+        raise ValueError(f"--resume: {out_dir / 'stage2' / 'checkpoint.pt'} not found")
+    ctx = distributed_context(config.device)
+    device = _device(config, ctx)
+    stage_dir = out_dir / "stage2"
+    if ctx.main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    torch.manual_seed(config.seed)
+    tokenizer = _tokenizer(config, data, stage_dir, ctx)
+    vae = VaeGmm.from_checkpoint(torch.load(stage1, weights_only=True, map_location="cpu"))
+    model = build_explainer(config, vae, tokenizer).to(device)
+    train = text_data.encode(data.split("train"), tokenizer, config.max_explanation_tokens)
+    if len(train) == 0:
+        raise ValueError("the training split is empty")
+
+    micro_per_epoch = len(_epoch_batches(len(train), 0, config, ctx))
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    total_steps = config.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = config.lr if config.lr is not None else 3e-3 if config.base_model is None else 1e-4
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, config.warmup_ratio))
+    state = {"epoch": 0, "micro_step": 0, "step": 0, "history": []}
+    checkpoint_path = stage_dir / "checkpoint.pt"
+    if config.resume:
+        saved = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        if "cuda_rng" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        state = {k: saved[k] for k in state}
+    ddp = model
+    if ctx.world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    losses = dict(alpha=config.alpha, beta=config.beta, aux_coef=config.aux_coef)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="stage 2", disable=None if ctx.main else True,
+               mininterval=0.5)
+    steps_this_call, started = 0, time.perf_counter()
+    model.train()
+    for epoch in range(state["epoch"], config.epochs):
+        batches = _epoch_batches(len(train), epoch, config, ctx)
+        while state["micro_step"] < len(batches):
+            group = batches[state["micro_step"]:state["micro_step"] + config.grad_accum]
+            t0, tokens, sums = time.perf_counter(), 0, {"loss": 0.0, "nll": 0.0, "elbo": 0.0, "aux": 0.0}
+            for i, rows in enumerate(group):
+                batch = text_data.training_batch(train, rows, tokenizer.pad_token_id)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sync = i == len(group) - 1 or ctx.world == 1
+                with (contextlib.nullcontext() if sync else ddp.no_sync()), \
+                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out = ddp(**batch, **losses)
+                (out["loss"] / len(group)).backward()
+                tokens += int(batch["attention_mask"].sum()) * ctx.world
+                for k in sums:
+                    sums[k] += float(out[k].detach()) / len(group)
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["micro_step"] += len(group)
+            state["step"] += 1
+            steps_this_call += 1
+            rate = tokens / (time.perf_counter() - t0)
+            state["history"].append({**sums, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", nll=f"{sums['nll']:.3f}", tok_s=f"{rate:.0f}")
+            done = state["micro_step"] >= len(batches)
+            if done:
+                state["epoch"], state["micro_step"] = epoch + 1, 0
+            stop = config.stop_after and steps_this_call >= config.stop_after and state["step"] < total_steps
+            if ctx.main and (state["step"] % config.checkpoint_every == 0 or done or stop):
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, state)
+            if stop:
+                bar.close()
+                ctx.barrier()
+                return None
+            if done:
+                break
+    bar.close()
+    elapsed = time.perf_counter() - started
+    digests = [weight_digest(model)]
+    if ctx.world > 1:
+        digests = [None] * ctx.world
+        dist.all_gather_object(digests, weight_digest(model))
+    if not ctx.main:
+        return None
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {digests}")
+    validation = text_data.encode(data.split("validation"), tokenizer, config.max_explanation_tokens)
+    history = state["history"]
+    metrics = {"validation": explanation_nll(model, validation, config.batch_size, device),
+               "steps": state["step"], "world_size": ctx.world, "weight_sha256": digests,
+               "train_tokens_per_s": sum(h["tokens_per_s"] for h in history[-50:]) / max(1, len(history[-50:])),
+               "seconds_this_call": elapsed, "final_loss": history[-1] if history else None,
+               "config": asdict(config)}
+    torch.save(model.checkpoint(), stage_dir / "model.pt")
+    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots.loss_curves({"total": [h["loss"] for h in history], "explanation NLL": [h["nll"] for h in history],
+                       f"ELBO (alpha={config.alpha})": [h["elbo"] for h in history]},
+                      stage_dir / "loss_curve.png", "stage 2: MoE explainer")
+    return model, metrics
+
