@@ -46,10 +46,9 @@ def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size:
         batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         cluster = model.vae.assign_clusters(batch["users"], batch["items"])
-        gates = cluster if model.config.multi_gating else torch.zeros_like(cluster)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model.generate(**batch, cluster_ids=gates, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                 temperature=temperature, top_p=top_p)
+            out = model.generate(**batch, cluster_ids=model.gates(cluster), max_new_tokens=max_new_tokens,
+                                 do_sample=do_sample, temperature=temperature, top_p=top_p)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
         clusters += cluster.tolist()
     return texts, clusters

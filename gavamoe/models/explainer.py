@@ -127,9 +127,13 @@ class Explainer(nn.Module):
             if "lora_" in name or ".moe." in name:
                 p.requires_grad_(True)
 
+    def gates(self, clusters: torch.Tensor) -> torch.Tensor:
+        """Gate of each stage-1 cluster id: the cluster itself, or 0 for all without multi-gating."""
+        return clusters if self.config.multi_gating else torch.zeros_like(clusters)
+
     @torch.no_grad()
     def cluster_ids(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Gate of each (user, item): its stage-1 cluster, or 0 for every pair without multi-gating."""
+        """Gate of each (user, item) pair (see :meth:`gates`)."""
         if not self.config.multi_gating:
             return torch.zeros_like(users)
         return self.vae.assign_clusters(users, items)
