@@ -1,11 +1,11 @@
-# Front door: make venv | make test | make lint | make bench | make demo
+# Front door: make venv | make test | make lint | make cuda-check | make bench | make demo
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-gpu lint bench demo
+.PHONY: venv test test-gpu lint cuda-check bench demo
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test-gpu: venv
 # ruff check only: kernel launch arguments are grouped by hand (STYLE.md), which a formatter would undo
 lint: venv
 	$(BIN)/ruff check .
+
+# Every csrc/*.cu through nvcc for sm_90 (CUDA_ARCH overrides) and a syntax check of the bindings; no GPU needed.
+cuda-check: venv
+	$(BIN)/python csrc/cuda_check.py
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider

@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from . import _extension
+
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = (*BACKENDS, "auto")
 
@@ -40,7 +42,8 @@ def triton_installed() -> bool:
 
 
 def cuda_extension_built() -> bool:
-    return importlib.util.find_spec("gavamoe_kernels._C") is not None
+    """The csrc/ extension is installed (or a JIT build of it was asked for: GAVAMOE_CUDA_JIT=1)."""
+    return _extension.available()
 
 
 def _stack() -> list[str]:
@@ -102,21 +105,20 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
         if not cuda_extension_built():
             return (
                 "the CUDA extension gavamoe_kernels._C is not built "
-                "(pip install . on a machine with nvcc and a CUDA torch; see csrc/README.md)"
+                "(pip install --no-build-isolation . on a machine with nvcc and a CUDA torch; see csrc/README.md)"
             )
+        if not triton_installed():
+            return "the cuda backend runs its backward passes and the expert GEMMs on Triton, which is not installed"
         return None
     raise AssertionError(name)
 
 
-def resolve_backend(device: torch.device, backend: str | None = None, cuda_ops: bool = False) -> str:
-    """Pick the backend for tensors on ``device``.
-
-    ``cuda_ops`` says whether the op has a CUDA-extension kernel at all; ops without one run
-    on Triton when "cuda" is in force.
-    """
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """Pick the backend for tensors on ``device``. Automatic choice takes "cuda" only with
+    Triton installed too: the cuda backend runs its backward passes and the expert GEMMs on Triton."""
     name = requested_backend(backend)
     if name == "auto":
-        if device.type == "cuda" and cuda_ops and cuda_extension_built():
+        if device.type == "cuda" and cuda_extension_built() and triton_installed():
             return "cuda"
         if device.type == "cuda" and triton_installed():
             return "triton"
@@ -124,6 +126,4 @@ def resolve_backend(device: torch.device, backend: str | None = None, cuda_ops: 
     reason = _why_unavailable(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} was requested but cannot run: {reason}")
-    if name == "cuda" and not cuda_ops:
-        return "triton"
     return name

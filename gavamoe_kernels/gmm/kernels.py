@@ -146,7 +146,8 @@ def _blocks(K: int, D: int) -> tuple[int, int, int]:
     return block_n, block_k, block_d
 
 
-def _params(log_pi, mu, logvar, D: int):
+def prepared_params(log_pi, mu, logvar, D: int):
+    """(mu fp32, 1/var fp32, log_pi - 0.5 (D log 2pi + sum_d logvar) fp32), contiguous: what the kernels read."""
     inv_var = torch.exp(-logvar.float()).contiguous()
     const = (log_pi.float() - 0.5 * (D * LOG_2PI + logvar.float().sum(-1))).contiguous()
     return mu.float().contiguous(), inv_var, const
@@ -160,7 +161,7 @@ def log_prob_fwd(z, log_pi, mu, logvar):
     log_norm = torch.empty((N,), device=z.device, dtype=torch.float32)
     if N == 0:
         return log_gamma, log_norm
-    mu32, inv_var, const = _params(log_pi, mu, logvar, D)
+    mu32, inv_var, const = prepared_params(log_pi, mu, logvar, D)
     block_n, block_k, block_d = _blocks(K, D)
     _gmm_logprob_fwd_kernel[(triton.cdiv(N, block_n),)](
         z, z.stride(0), z.stride(1),
@@ -182,7 +183,7 @@ def log_prob_bwd(g, g_norm, z, log_pi, mu, logvar, log_gamma):
     d_z = torch.empty_like(z)
     if N == 0:
         return d_z, torch.zeros_like(log_pi), torch.zeros_like(mu), torch.zeros_like(logvar)
-    mu32, inv_var, _ = _params(log_pi, mu, logvar, D)
+    mu32, inv_var, _ = prepared_params(log_pi, mu, logvar, D)
     block_n, block_k, block_d = _blocks(K, D)
     _gmm_logprob_bwd_z_kernel[(triton.cdiv(N, block_n), triton.cdiv(D, block_d))](
         a, a.stride(0),

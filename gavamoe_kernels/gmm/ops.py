@@ -15,6 +15,8 @@ def _impl(backend: str):
         return importlib.import_module("gavamoe_kernels.gmm.torch_impl")
     if backend == "triton":
         return importlib.import_module("gavamoe_kernels.gmm.kernels")
+    if backend == "cuda":
+        return importlib.import_module("gavamoe_kernels.gmm.cuda_impl")
     raise ValueError(f"unknown backend {backend!r}")
 
 

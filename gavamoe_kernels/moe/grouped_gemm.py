@@ -343,14 +343,16 @@ def _sorted_matmul(a, b, b_strides, counts, E: int, T: int, N: int, K: int, out_
     return out
 
 
-def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_backward: bool):
-    """(y [T,H], h [n,2I] or [0,2I], sorted_slots, slot_pos, counts); same contract as torch_impl."""
+def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_backward: bool,
+                metadata=routing_metadata):
+    """(y [T,H], h [n,2I] or [0,2I], sorted_slots, slot_pos, counts); same contract as torch_impl.
+    ``metadata(topk_ids, E)`` sorts the token-slots (the cuda backend passes its own kernel)."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E, two_i, _ = w_gate_up.shape
     I = two_i // 2
     n = T * k
-    sorted_slots, slot_pos, counts = routing_metadata(topk_ids, E)
+    sorted_slots, slot_pos, counts = metadata(topk_ids, E)
     y = torch.empty_like(hidden)
     h = torch.empty((n if save_for_backward else 0, two_i), device=hidden.device, dtype=hidden.dtype)
     if T == 0:

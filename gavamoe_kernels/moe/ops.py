@@ -34,6 +34,9 @@ def _impl(backend: str):
     if backend == "triton":
         return (importlib.import_module("gavamoe_kernels.moe.routing"),
                 importlib.import_module("gavamoe_kernels.moe.grouped_gemm"))
+    if backend == "cuda":
+        mod = importlib.import_module("gavamoe_kernels.moe.cuda_impl")
+        return mod, mod
     raise ValueError(f"unknown backend {backend!r}")
 
 
