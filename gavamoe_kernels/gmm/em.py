@@ -25,9 +25,12 @@ class GmmParams:
 
 
 def _kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each next centre drawn with probability proportional to the squared
-    distance to the nearest centre chosen so far."""
+    """Greedy k-means++ seeding (as scikit-learn does it): at each step draw 2 + log k candidates
+    with probability proportional to the squared distance to the nearest centre so far, and keep
+    the one that lowers the total squared distance most. Plain k-means++ (one draw) too often
+    puts two centres in one well-separated cluster, a local optimum EM does not leave."""
     n = z.shape[0]
+    trials = 2 + int(math.log(k))
     first = torch.randint(n, (1,), generator=generator).item()
     centres = [z[first]]
     nearest = (z - z[first]).square().sum(-1)
@@ -35,10 +38,16 @@ def _kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
         weights = nearest.double().cpu()
         if weights.sum() <= 0:  # fewer distinct points than components
             pick = torch.randint(n, (1,), generator=generator).item()
+            candidate_nearest = nearest
         else:
-            pick = torch.multinomial(weights, 1, generator=generator).item()
+            best_potential = math.inf
+            for c in torch.multinomial(weights, trials, replacement=True, generator=generator).tolist():
+                with_c = torch.minimum(nearest, (z - z[c]).square().sum(-1))
+                potential = with_c.sum().item()
+                if potential < best_potential:
+                    best_potential, pick, candidate_nearest = potential, c, with_c
         centres.append(z[pick])
-        nearest = torch.minimum(nearest, (z - z[pick]).square().sum(-1))
+        nearest = torch.minimum(nearest, candidate_nearest)
     return torch.stack(centres)
 
 
