@@ -102,7 +102,7 @@ def test_responsibilities_forward_backward(benchmark, full_size, case, impl):
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
 @pytest.mark.parametrize("case", CASES, ids=[f"N{n}-K{k}" for n, k in CASES])
 def test_copy_bandwidth(benchmark, full_size, case, direction):
-    """The limit of the GMM cases: a device copy of the same bytes; GB/s counts its read and write."""
+    """The limit of the GMM cases: a device copy whose read + write equals the op's bytes."""
     z, log_pi = gmm_inputs(*case, full_size)[:2]
     K = log_pi.shape[0]
     moved = _bytes(z, K) * (1 if direction == "forward" else 3)
@@ -116,7 +116,7 @@ def test_copy_bandwidth(benchmark, full_size, case, direction):
 def test_fit(benchmark, full_size, impl):
     """EM fit, 20 iterations, diagonal covariances; ours must reach scikit-learn's mean
     log-likelihood per sample (within 0.05 nats) before either is timed. The clusters are well
-    separated (means 4 sigma apart per dimension) so that both seedings find every cluster and
+    separated (component means drawn at 4x the noise's scale) so that both seedings find every cluster and
     the check compares the EM, not the luck of a seeding."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
