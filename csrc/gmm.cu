@@ -113,7 +113,9 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
         tile_sum += acc[i][j] == -INFINITY ? 0.0f : expf(acc[i][j] - new_max);
       }
       tile_sum = detail::group_sum<TC>(tile_sum);
-      run_sum[i] = (run_max[i] == -INFINITY ? 0.0f : run_sum[i] * expf(run_max[i] - new_max)) + tile_sum;
+      // nothing finite seen yet: run_sum is 0, or NaN that must survive
+      const float rescale = run_max[i] == -INFINITY ? 1.0f : expf(run_max[i] - new_max);
+      run_sum[i] = run_sum[i] * rescale + tile_sum;
       run_max[i] = new_max;
       if (!one_tile && row < N) {
 #pragma unroll

@@ -69,6 +69,9 @@ def test_nan_row_and_impossible_component(K):
     rest[17] = False
     assert torch.isneginf(got[rest, 1]).all()
     torch.testing.assert_close(got[rest], want[rest], atol=1e-4, rtol=1e-5)
+    # a NaN mean in every component: every row is NaN, none silently finite
+    mu[:, 0] = float("nan")
+    assert torch.isnan(gk.gmm_log_responsibilities(z, log_pi, mu, logvar, backend="cuda")).all()
 
 
 def test_responsibilities_capture_in_a_cuda_graph():
