@@ -49,7 +49,8 @@ def test_router(benchmark, full_size, shape, impl):
         backend = impl.removeprefix("gavamoe-")
         if backend not in our_backends(full_size):
             pytest.skip(f"{impl} is not timed on this machine")
-        fn = lambda: _ours(backend)(hidden, gate, cids)
+        route_with_metadata = _ours(backend)
+        fn = lambda: route_with_metadata(hidden, gate, cids)
         r, (sorted_slots, _, counts) = fn()
         probs = torch.softmax(eager[2].double(), -1).cpu()
         assert_same_topk(r.topk_ids.cpu(), probs, K, tol=1e-4)

@@ -39,11 +39,11 @@ def _sync() -> None:
 
 
 def run_timed(benchmark, case: str, impl: str, role: str, fn, *args, flops: float | None = None,
-              bytes_moved: float | None = None, **info):
+              bytes_moved: float | None = None):
     """Time ``fn(*args)`` (synchronised on a GPU) under ``benchmark`` and record the report figures.
     The caller has checked the output first; on a GPU the peak memory of one more call is recorded."""
     benchmark.group = case
-    benchmark.extra_info.update(case=case, impl=impl, role=role, flops=flops, bytes=bytes_moved, checked=True, **info)
+    benchmark.extra_info.update(case=case, impl=impl, role=role, flops=flops, bytes=bytes_moved, checked=True)
 
     def call():
         out = fn(*args)
