@@ -1,5 +1,5 @@
 """The MoE experts (given the routing) against what users would pick instead: the eager
-per-expert loop, PyTorch's grouped GEMM, and MegaBlocks when importable. Every implementation
+per-expert loop, PyTorch's grouped GEMM, and MegaBlocks (reported skipped: not wired). Every implementation
 gets the same hidden states, weights, top-k ids and top-k weights; its output (and, for
 training, its gradients) is checked against ours before it is timed.
 
@@ -19,7 +19,7 @@ import gavamoe_kernels as gk
 from benchmarks import peers
 from benchmarks.common import DEVICE, DTYPE, ON_GPU, our_backends, run_timed
 
-E, K, C = 12, 2, 4
+E, K = 12, 2
 LLAMA, GPT2 = (4096, 1280), (768, 256)  # (H, I): the paper's variants, I = dense FFN / E
 if ON_GPU:
     TRAIN = [("llama", T) for T in (4096, 16384, 32768)] + [("gpt2", T) for T in (8192, 40960)]
