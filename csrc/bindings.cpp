@@ -82,7 +82,7 @@ std::tuple<Tensor, Tensor, Tensor> route(const Tensor& hidden, const Tensor& gat
                                          normalize, logits.data_ptr<float>(), weights.data_ptr<float>(),
                                          topk_ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
                "route");
-  return {logits, weights, topk_ids};
+  return {weights, topk_ids, logits};
 }
 
 std::tuple<Tensor, Tensor, Tensor> routing_metadata(const Tensor& topk_ids, int64_t num_experts) {
@@ -150,7 +150,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gavamoe CUDA kernels: cluster-gated router, routing metadata, Gaussian-mixture log-responsibilities";
   m.attr("MAX_EXPERTS") = gavamoe::kMaxExperts;
   m.attr("MAX_TOP_K") = gavamoe::kMaxTopK;
-  m.def("route", &route, "(logits [T,E] fp32, topk_weights [T,k] fp32, topk_ids [T,k] int64)", py::arg("hidden"),
+  m.def("route", &route, "(topk_weights [T,k] fp32, topk_ids [T,k] int64, logits [T,E] fp32)", py::arg("hidden"),
         py::arg("gate_weight"), py::arg("cluster_ids"), py::arg("top_k"), py::arg("normalize"));
   m.def("routing_metadata", &routing_metadata, "(sorted_slots [n], slot_pos [n], counts [E]) int32",
         py::arg("topk_ids"), py::arg("num_experts"));

@@ -35,6 +35,9 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
     int64_t N, int K, int D) {
   // log p[n,c] = const[c] - 0.5 * sum_d (z[n,d] - mu[c,d])^2 * inv_var[c,d];
   // log_norm[n] = logsumexp_c log p[n,c];  log_gamma[n,c] = log p[n,c] - log_norm[n].
+  // Rows with no finite log p (fp32 overflow of the sums, z near 1e20) are computed again with the
+  // differences scaled by 2^-62: log_norm stays -inf and log_gamma = 2^124 (L - max L) with
+  // L = 2^-124 log p, the float64 answer cast to fp32. Every log_pi = -inf gives NaN (0/0).
   constexpr int TC = Cfg::kTC, TR = Cfg::kTR, RM = Cfg::kRM, RK = Cfg::kRK, DC = Cfg::kDC;
   constexpr int ROWS = Cfg::kRows, COMPS = Cfg::kComps;
   __shared__ float zs[DC][ROWS + 1];  // [DC, ROWS], padded against bank conflicts on the transposed store
@@ -45,15 +48,9 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * ROWS;
   const bool one_tile = K <= COMPS;  // log p stays in registers; no second pass over log_gamma
 
-  float run_max[RM], run_sum[RM];
   float acc[RM][RK];  // [RM, RK] Mahalanobis sums, then log p
-#pragma unroll
-  for (int i = 0; i < RM; ++i) {
-    run_max[i] = -INFINITY;
-    run_sum[i] = 0.0f;
-  }
-
-  for (int k0 = 0; k0 < K; k0 += COMPS) {
+  // acc = sum_d ((z - mu) * scale)^2 inv_var over the component tile starting at k0
+  auto mahalanobis = [&](int k0, float scale) {
 #pragma unroll
     for (int i = 0; i < RM; ++i) {
 #pragma unroll
@@ -88,13 +85,22 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
         for (int i = 0; i < RM; ++i) {
 #pragma unroll
           for (int j = 0; j < RK; ++j) {
-            const float diff = zr[i] - m[j];
+            const float diff = (zr[i] - m[j]) * scale;
             acc[i][j] = fmaf(diff * diff, v[j], acc[i][j]);
           }
         }
       }
     }
+  };
 
+  float run_max[RM], run_sum[RM];
+#pragma unroll
+  for (int i = 0; i < RM; ++i) {
+    run_max[i] = -INFINITY;
+    run_sum[i] = 0.0f;
+  }
+  for (int k0 = 0; k0 < K; k0 += COMPS) {
+    mahalanobis(k0, 1.0f);
 #pragma unroll
     for (int i = 0; i < RM; ++i) {
       const int64_t row = row0 + ty + TR * i;
@@ -127,10 +133,15 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
     }
   }
 
+  // rows with no finite log p: overflowed in fp32 (rescued below) or every log_pi = -inf (NaN)
+  bool lost[RM];
+  bool any_lost = false;
 #pragma unroll
   for (int i = 0; i < RM; ++i) {
     const int64_t row = row0 + ty + TR * i;
-    if (row >= N) continue;
+    lost[i] = run_max[i] == -INFINITY && row < N;
+    any_lost |= lost[i];
+    if (row >= N || lost[i]) continue;
     const float lse = run_max[i] + logf(run_sum[i]);
     if (tx == 0) log_norm[row] = lse;
     if (one_tile) {
@@ -147,6 +158,42 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
           const int c = k0 + tx + TC * j;
           if (c < K) log_gamma[row * K + c] -= lse;
         }
+      }
+    }
+  }
+  if (!__syncthreads_or(any_lost)) return;
+
+  // the rescue pass: L = 2^-124 log p from sums scaled by 2^-124, then 2^124 (L - max L)
+  float lost_max[RM];
+#pragma unroll
+  for (int i = 0; i < RM; ++i) lost_max[i] = -INFINITY;
+  for (int k0 = 0; k0 < K; k0 += COMPS) {
+    mahalanobis(k0, 0x1p-62f);
+#pragma unroll
+    for (int i = 0; i < RM; ++i) {
+      const int64_t row = row0 + ty + TR * i;
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < RK; ++j) {
+        const int c = k0 + tx + TC * j;
+        acc[i][j] = c < K ? log_const[c] * 0x1p-124f - 0.5f * acc[i][j] : -INFINITY;
+        tile_max = fmaxf(tile_max, acc[i][j]);
+        if (lost[i] && c < K) log_gamma[row * K + c] = acc[i][j];
+      }
+      lost_max[i] = fmaxf(lost_max[i], detail::group_max<TC>(tile_max));
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < RM; ++i) {
+    const int64_t row = row0 + ty + TR * i;
+    if (!lost[i]) continue;
+    if (tx == 0) log_norm[row] = -INFINITY;
+    for (int k0 = 0; k0 < K; k0 += COMPS) {
+#pragma unroll
+      for (int j = 0; j < RK; ++j) {
+        const int c = k0 + tx + TC * j;
+        // 2^124 back in two finite steps (2^128 is not an fp32 number): 0 stays 0, the rest -> -inf
+        if (c < K) log_gamma[row * K + c] = (log_gamma[row * K + c] - lost_max[i]) * 0x1p62f * 0x1p62f;
       }
     }
   }

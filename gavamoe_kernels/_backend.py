@@ -13,10 +13,11 @@ Triton runs on CPU tensors only through its interpreter, which Triton reads from
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
-import sys
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -37,6 +38,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -81,49 +83,58 @@ def requested_backend(backend: str | None = None) -> str:
     return "auto"
 
 
-def _why_unavailable(name: str, device: torch.device) -> str | None:
+def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
     if name == "torch":
         return None
-    if name == "triton":
-        if not triton_installed():
-            return "the triton package is not installed (pip install 'gavamoe[triton]')"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and triton_interpret():
-            kernels = sys.modules.get("gavamoe_kernels.moe.routing")
-            if kernels is not None and not kernels.INTERPRET:
-                return ("TRITON_INTERPRET=1 was set after the Triton kernels were first loaded; "
-                        "set it before the first call")
-            return None
-        return (
-            f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the "
-            f"first call; got tensors on {device}"
-        )
+    if not triton_installed():
+        return (f"the {name} backend runs on Triton (the cuda backend for its backward passes and expert GEMMs), "
+                "which is not installed (pip install 'gavamoe[triton]')")
     if name == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors; got tensors on {device}"
         if not cuda_extension_built():
-            return (
-                "the CUDA extension gavamoe_kernels._C is not built "
-                "(pip install --no-build-isolation . on a machine with nvcc and a CUDA torch; see csrc/README.md)"
-            )
-        if not triton_installed():
-            return "the cuda backend runs its backward passes and the expert GEMMs on Triton, which is not installed"
+            return ("the CUDA extension gavamoe_kernels._C is not built "
+                    "(pip install --no-build-isolation . on a machine with nvcc and a CUDA torch; see csrc/README.md)")
         return None
-    raise AssertionError(name)
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpret():
+        from . import _triton
+
+        if not _triton.INTERPRET:
+            return ("TRITON_INTERPRET=1 was set after the Triton kernels were first loaded; "
+                    "set it before the first call")
+        if dtype == torch.bfloat16:
+            return "the Triton interpreter has no bfloat16; use float32 or float16 on the CPU, or the torch backend"
+        return None
+    return (
+        f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before the "
+        f"first call; got tensors on {device}"
+    )
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """Pick the backend for tensors on ``device``. Automatic choice takes "cuda" only with
-    Triton installed too: the cuda backend runs its backward passes and the expert GEMMs on Triton."""
+# torch.compile runs the choice once, while tracing, and keeps its answer (a backend name) in the graph
+@torch.compiler.assume_constant_result
+def resolve_backend(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None,
+                    unsupported: Callable[[str], str | None] | None = None) -> str:
+    """Pick the backend for tensors on ``device`` of ``dtype``.
+
+    ``unsupported(name)`` says why a backend cannot run this call's shape (the cuda router's
+    expert limit), or None. Automatic choice takes the first of "cuda", "triton", "torch" that
+    is available and supported ("cuda" only with Triton installed too: it runs its backward
+    passes and expert GEMMs on Triton). A backend asked for by name that cannot run raises
+    BackendUnavailableError."""
     name = requested_backend(backend)
     if name == "auto":
-        if device.type == "cuda" and cuda_extension_built() and triton_installed():
-            return "cuda"
-        if device.type == "cuda" and triton_installed():
-            return "triton"
-        return "torch"
-    reason = _why_unavailable(name, device)
+        candidates = [n for n in ("cuda", "triton") if device.type == "cuda"] + ["torch"]
+        for candidate in candidates:
+            if _why_unavailable(candidate, device, dtype) is None and (
+                    unsupported is None or unsupported(candidate) is None):
+                return candidate
+        raise AssertionError("the torch backend runs everything")
+    reason = _why_unavailable(name, device, dtype)
+    if reason is None and unsupported is not None:
+        reason = unsupported(name)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} was requested but cannot run: {reason}")
     return name

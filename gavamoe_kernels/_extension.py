@@ -21,9 +21,15 @@ def jit_requested() -> bool:
     return os.environ.get("GAVAMOE_CUDA_JIT", "0") not in ("", "0") and CSRC.is_dir()
 
 
+@functools.cache
+def installed() -> bool:
+    """The compiled extension gavamoe_kernels._C is installed (looked up once per process)."""
+    return importlib.util.find_spec("gavamoe_kernels._C") is not None
+
+
 def available() -> bool:
     """True when the extension is installed, or a JIT build from csrc/ was asked for."""
-    return importlib.util.find_spec("gavamoe_kernels._C") is not None or jit_requested()
+    return installed() or jit_requested()
 
 
 def jit_build(verbose: bool = False):
@@ -44,7 +50,7 @@ def jit_build(verbose: bool = False):
 @functools.cache
 def extension():
     """The loaded extension module (imported once; JIT-built once when asked for)."""
-    if importlib.util.find_spec("gavamoe_kernels._C") is not None:
+    if installed():
         return importlib.import_module("gavamoe_kernels._C")
     if jit_requested():
         return jit_build()

@@ -47,20 +47,25 @@ def assert_same_topk(ids: torch.Tensor, reference_probs: torch.Tensor, k: int, t
 
 @contextlib.contextmanager
 def poisoned_empty() -> Iterator[None]:
-    """Make torch.empty / torch.empty_like return NaN-filled floats and INT_POISON-filled integers,
-    so that an output element a kernel forgets to write fails the comparison."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    """Make torch.empty, torch.empty_like and Tensor.new_empty return NaN-filled floats and
+    INT_POISON-filled integers, so that an output element a kernel forgets to write fails the
+    comparison. (Allocations made inside C++ are not reached; every Python-side one is.)"""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def fill(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
+        if t.is_floating_point() and not t.is_meta:
             return t.fill_(float("nan"))
-        if t.dtype in (torch.int32, torch.int64):
+        if t.dtype in (torch.int32, torch.int64) and not t.is_meta:
             return t.fill_(INT_POISON)
         return t
 
+    def new_empty(self, *a, **kw):
+        return fill(real_new_empty(self, *a, **kw))
+
     torch.empty = lambda *a, **kw: fill(real_empty(*a, **kw))
     torch.empty_like = lambda *a, **kw: fill(real_empty_like(*a, **kw))
+    torch.Tensor.new_empty = new_empty
     try:
         yield
     finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
+        torch.empty, torch.empty_like, torch.Tensor.new_empty = real_empty, real_empty_like, real_new_empty

@@ -8,12 +8,14 @@ shows a CUDA one that beats it (benchmarks/NOTES.md).
 from __future__ import annotations
 
 from .._extension import extension
+from .interface import GmmBackend
 from .kernels import log_prob_bwd, prepared_params
-
-__all__ = ["log_prob_bwd", "log_prob_fwd"]
 
 
 def log_prob_fwd(z, log_pi, mu, logvar):
     """(log_gamma [N, K] fp32, log_norm [N] fp32)."""
     mu32, inv_var, const = prepared_params(log_pi, mu, logvar, z.shape[1])
     return tuple(extension().gmm_log_prob(z, mu32, inv_var, const))
+
+
+BACKEND = GmmBackend("cuda", log_prob_fwd, log_prob_bwd)

@@ -8,16 +8,12 @@ import torch
 
 from .._backend import resolve_backend
 from .._checks import check_dim, check_same_device, check_tensor
+from .interface import GmmBackend
 
 
-def _impl(backend: str):
-    if backend == "torch":
-        return importlib.import_module("gavamoe_kernels.gmm.torch_impl")
-    if backend == "triton":
-        return importlib.import_module("gavamoe_kernels.gmm.kernels")
-    if backend == "cuda":
-        return importlib.import_module("gavamoe_kernels.gmm.cuda_impl")
-    raise ValueError(f"unknown backend {backend!r}")
+def _impl(backend: str) -> GmmBackend:
+    """A backend's record; loaded on first use (TRITON_INTERPRET is read when the kernels load)."""
+    return importlib.import_module(f"gavamoe_kernels.gmm.{backend}_impl").BACKEND
 
 
 @torch.library.custom_op("gavamoe_kernels::gmm_logprob_fwd", mutates_args=())
@@ -33,15 +29,15 @@ def _(z, log_pi, mu, logvar, backend):
 
 
 @torch.library.custom_op("gavamoe_kernels::gmm_logprob_bwd", mutates_args=())
-def _gmm_bwd(g: torch.Tensor, g_norm: torch.Tensor, z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
+def _gmm_bwd(g: torch.Tensor, row_term: torch.Tensor, z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor,
              logvar: torch.Tensor, log_gamma: torch.Tensor, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl(backend).log_prob_bwd(g, g_norm, z, log_pi, mu, logvar, log_gamma)
+    return _impl(backend).log_prob_bwd(g, row_term, z, log_pi, mu, logvar, log_gamma)
 
 
 @_gmm_bwd.register_fake
-def _(g, g_norm, z, log_pi, mu, logvar, log_gamma, backend):
-    return torch.empty_like(z), torch.empty_like(log_pi), torch.empty_like(mu), torch.empty_like(logvar)
+def _(g, row_term, z, log_pi, mu, logvar, log_gamma, backend):
+    return z.new_empty(z.shape), log_pi.new_empty(log_pi.shape), mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -51,10 +47,16 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, g, g_norm):
+    """log_gamma = log_p - lse and log_norm = lse = logsumexp(log_p), so the gradient reaching
+    log p is a = g - gamma * (sum_c g - g_norm); the per-row term is computed here, once, and
+    each backend forms a inside its kernels."""
     z, log_pi, mu, logvar, log_gamma = ctx.saved_tensors
-    g = torch.zeros_like(log_gamma) if g is None else g.contiguous()
-    g_norm = log_gamma.new_zeros(log_gamma.shape[0]) if g_norm is None else g_norm.contiguous()
-    d_z, d_log_pi, d_mu, d_logvar = _gmm_bwd(g, g_norm, z, log_pi, mu, logvar, log_gamma, ctx.backend)
+    g = torch.zeros_like(log_gamma) if g is None else g.float().contiguous()
+    row_term = g.sum(-1)
+    if g_norm is not None:
+        row_term = row_term - g_norm.float()
+    d_z, d_log_pi, d_mu, d_logvar = _gmm_bwd(g, row_term.contiguous(), z, log_pi, mu, logvar, log_gamma,
+                                             ctx.backend)
     return d_z, d_log_pi, d_mu, d_logvar, None
 
 
@@ -81,7 +83,7 @@ def gmm_log_prob(z, log_pi, mu, logvar, backend: str | None = None) -> tuple[tor
     """(log_gamma (N, K) fp32, log_norm (N,) fp32), log_norm[n] = logsumexp_c log p_c(z[n])
     (the mixture log-density when log_pi is normalised). Differentiable in both outputs."""
     _check_gmm_inputs(z, log_pi, mu, logvar)
-    return _gmm_fwd(z, log_pi, mu, logvar, resolve_backend(z.device, backend))
+    return _gmm_fwd(z, log_pi, mu, logvar, resolve_backend(z.device, backend, z.dtype))
 
 
 def gmm_log_responsibilities(z, log_pi, mu, logvar, backend: str | None = None) -> torch.Tensor:

@@ -1,23 +1,30 @@
 """The torch backend for the Gaussian-mixture responsibilities.
 
-Never builds the (N, K, D) differences: the Mahalanobis term is expanded into matmuls,
+The Mahalanobis term is expanded into matmuls,
     sum_d (z - mu)^2 / var = z^2 . (1/var) - 2 z . (mu/var) + mu^2 . (1/var),
-computed in float64 about the mean of the component means (so the three terms do not cancel
-away the precision), one block of rows at a time to bound the float64 copies.
+computed in float64 about the mean of the component means, one block of rows at a time to
+bound the float64 copies: no (N, K, D) tensor. Where the expansion cannot hold its digits (its
+terms exceed the result by more than float64 can carry: a tiny variance, z near 1e20), those
+rows are computed again in the direct form (z - mu)^2 / var, in float64.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .reference import LOG_2PI
+from .interface import GmmBackend
 
+LOG_2PI = math.log(2 * math.pi)
 ROWS_PER_CHUNK = 1 << 16
+DIRECT_ELEMENTS = 1 << 22  # float64 elements of one (rows, K, D) block of the direct form
+EXPANSION_TOLERANCE = 1e-9  # nats: largest rounding error of log p accepted from the expansion
 
 
-def _chunks(n: int):
-    for start in range(0, n, ROWS_PER_CHUNK):
-        yield slice(start, min(n, start + ROWS_PER_CHUNK))
+def _chunks(n: int, size: int = ROWS_PER_CHUNK):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
 
 
 def _prepared(z, log_pi, mu, logvar):
@@ -30,6 +37,22 @@ def _prepared(z, log_pi, mu, logvar):
     return centre, mu_c, inv_var, const
 
 
+def _direct_mahalanobis(zc, mu_c, inv_var):
+    """sum_d (zc - mu_c)^2 inv_var, float64 [rows, K], in blocks that bound the (rows, K, D) copy."""
+    step = max(1, DIRECT_ELEMENTS // mu_c.numel())
+    return torch.cat([((zc[rows, None, :] - mu_c[None]).square() * inv_var[None]).sum(-1)
+                      for rows in _chunks(zc.shape[0], step)]) if zc.shape[0] else zc.new_empty((0, mu_c.shape[0]))
+
+
+def _expanded(zc, mu_c, inv_var, mu_term):
+    """(maha [n, K] by the expansion, loose [n]: rows where it cannot hold EXPANSION_TOLERANCE)."""
+    square, cross = zc.square() @ inv_var.T, 2 * zc @ (mu_c * inv_var).T  # [n, K] each
+    eps = torch.finfo(torch.float64).eps
+    # rounding of the expansion: eps times the size of its terms
+    loose = (4 * eps * (square + cross.abs() + mu_term) > EXPANSION_TOLERANCE).any(-1)
+    return square - cross + mu_term, loose
+
+
 def log_prob_fwd(z, log_pi, mu, logvar):
     """(log_gamma [N, K] fp32, log_norm [N] fp32) with log_norm = logsumexp_c log p_c(z)."""
     N, K = z.shape[0], mu.shape[0]
@@ -39,37 +62,46 @@ def log_prob_fwd(z, log_pi, mu, logvar):
     log_norm = torch.empty((N,), device=z.device, dtype=torch.float32)
     for rows in _chunks(N):
         zc = z[rows].double() - centre
-        log_p = const - 0.5 * (zc.square() @ inv_var.T - 2 * zc @ (mu_c * inv_var).T + mu_term)
+        maha, loose = _expanded(zc, mu_c, inv_var, mu_term)
+        if loose.any():
+            maha[loose] = _direct_mahalanobis(zc[loose], mu_c, inv_var)
+        log_p = const - 0.5 * maha
         lse = torch.logsumexp(log_p, dim=-1)
         log_gamma[rows] = log_p - lse[:, None]
         log_norm[rows] = lse
     return log_gamma, log_norm
 
 
-def log_prob_grad_input(g, g_norm, log_gamma) -> torch.Tensor:
-    """a = d loss / d log p_c(z) [N, K] fp32 from the gradients of log_gamma and log_norm:
-    log_gamma = log_p - lse, lse = logsumexp(log_p)  =>  a = g - gamma * (sum_c g - g_norm)."""
-    gamma = torch.exp(log_gamma)
-    return g.float() - gamma * (g.float().sum(-1, keepdim=True) - g_norm.float()[:, None])
-
-
-def log_prob_bwd(g, g_norm, z, log_pi, mu, logvar, log_gamma):
-    """(d z, d log_pi, d mu, d logvar) in the inputs' dtypes. With a = d loss / d log p and
-    diff = z - mu:  dz = -sum_c a diff / var,  dmu = sum_n a diff / var,
-    dlogvar = -0.5 sum_n a (1 - diff^2 / var),  dlog_pi = sum_n a."""
+def log_prob_bwd(g, row_term, z, log_pi, mu, logvar, log_gamma):
+    """(d z, d log_pi, d mu, d logvar) in the inputs' dtypes. With a = g - gamma * row_term the
+    gradient reaching log p, and diff = z - mu:  dz = -sum_c a diff / var,  dmu = sum_n a diff / var,
+    dlogvar = -0.5 sum_n a (1 - diff^2 / var),  dlog_pi = sum_n a.
+    Moments M1 = sum_n a diff, M2 = sum_n a diff^2 by the expansion, or directly for loose rows."""
     centre, mu_c, inv_var, _ = _prepared(z, log_pi, mu, logvar)
-    a_all = log_prob_grad_input(g, g_norm, log_gamma)
-    d_z = torch.empty_like(z)
+    mu_term = (mu_c.square() * inv_var).sum(-1)
+    d_z = torch.empty(z.shape, device=z.device, dtype=z.dtype)
     s = torch.zeros(mu.shape[0], device=z.device, dtype=torch.float64)  # sum_n a
-    a_z = torch.zeros_like(mu_c)  # sum_n a zc
-    a_z2 = torch.zeros_like(mu_c)  # sum_n a zc^2
+    m1 = torch.zeros_like(mu_c)
+    m2 = torch.zeros_like(mu_c)
     for rows in _chunks(z.shape[0]):
-        a = a_all[rows].double()
+        a = g[rows].double() - torch.exp(log_gamma[rows].double()) * row_term[rows].double()[:, None]  # [n, K]
         zc = z[rows].double() - centre
-        d_z[rows] = (-(zc * (a @ inv_var) - a @ (mu_c * inv_var))).to(z.dtype)
-        s += a.sum(0)
-        a_z += a.T @ zc
-        a_z2 += a.T @ zc.square()
-    d_mu = inv_var * (a_z - s[:, None] * mu_c)
-    d_logvar = -0.5 * (s[:, None] - inv_var * (a_z2 - 2 * mu_c * a_z + s[:, None] * mu_c.square()))
+        loose = _expanded(zc, mu_c, inv_var, mu_term)[1]
+        at, zt = a[~loose], zc[~loose]
+        d_z[rows][~loose] = (-(zt * (at @ inv_var) - at @ (mu_c * inv_var))).to(z.dtype)
+        st, az = at.sum(0), at.T @ zt
+        s += st
+        m1 += az - st[:, None] * mu_c
+        m2 += at.T @ zt.square() - 2 * mu_c * az + st[:, None] * mu_c.square()
+        if loose.any():
+            al, diff = a[loose], zc[loose][:, None, :] - mu_c[None]  # [nl, K], [nl, K, D]
+            d_z[rows][loose] = (-(al[:, :, None] * diff * inv_var).sum(1)).to(z.dtype)
+            s += al.sum(0)
+            m1 += (al[:, :, None] * diff).sum(0)
+            m2 += (al[:, :, None] * diff.square()).sum(0)
+    d_mu = inv_var * m1
+    d_logvar = -0.5 * (s[:, None] - inv_var * m2)
     return d_z, s.to(log_pi.dtype), d_mu.to(mu.dtype), d_logvar.to(logvar.dtype)
+
+
+BACKEND = GmmBackend("torch", log_prob_fwd, log_prob_bwd)

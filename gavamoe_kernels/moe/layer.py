@@ -7,9 +7,24 @@ import math
 import torch
 from torch import nn
 
-from .._checks import INDEX_DTYPES, check_positive_int
-from .ops import moe_experts, route
-from .reference import load_balancing_loss
+from .._checks import INDEX_DTYPES, check_index_range, check_positive_int
+from .ops import moe_forward, resolve_moe_backend
+
+
+def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/Mixtral auxiliary loss  E * sum_e f_e * P_e  (1.0 when perfectly balanced).
+
+    f_e: fraction of token-slots sent to expert e (not differentiable);
+    P_e: mean over tokens of softmax(logits)[:, e], each token's probabilities coming from
+    the gate of its own cluster.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    probs = torch.softmax(logits.float(), dim=-1)
+    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
+    counts.scatter_add_(0, topk_ids.reshape(-1).long(), torch.ones_like(topk_ids, dtype=torch.float32).reshape(-1))
+    fraction = counts / topk_ids.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
 
 
 class ClusterGatedMoE(nn.Module):
@@ -22,9 +37,12 @@ class ClusterGatedMoE(nn.Module):
 
     ``forward(hidden_states, cluster_ids)``: hidden_states (..., H); cluster_ids either one id per
     sequence (shape (B,) for hidden_states (B, S, H)) or one per token (hidden_states.shape[:-1]).
-    After each forward, ``aux_loss`` holds the Switch/Mixtral load-balancing loss of that call
-    (E * sum_e f_e P_e, 1.0 when balanced) for a training loop to add with its own coefficient.
+    After a forward in training mode with gradients enabled, ``aux_loss`` holds the
+    Switch/Mixtral load-balancing loss of that call (E * sum_e f_e P_e, 1.0 when balanced) for a
+    training loop to add with its own coefficient; in eval mode or under ``torch.no_grad()``
+    (generation) it is not computed and ``aux_loss`` is None.
     Parameters of another dtype than the input are cast to the input's dtype for the call.
+    The cluster ids are range-checked once per ids tensor (see GAVAMOE_ID_CHECK in the README).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_clusters: int,
@@ -74,16 +92,21 @@ class ClusterGatedMoE(nn.Module):
                          f"got {tuple(cluster_ids.shape)}")
 
     def forward(self, hidden_states: torch.Tensor, cluster_ids: torch.Tensor) -> torch.Tensor:
+        """hidden_states (..., H) -> (..., H) in hidden_states' dtype; cluster_ids (B,) or hidden_states.shape[:-1]."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 1 or \
                 hidden_states.shape[-1] != self.hidden_size:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(f"hidden_states must have shape (..., {self.hidden_size}), got {shape}")
         ids = self.token_cluster_ids(hidden_states, cluster_ids)
+        if cluster_ids.device != hidden_states.device:
+            raise ValueError(f"cluster_ids is on {cluster_ids.device} but hidden_states is on {hidden_states.device}")
+        check_index_range("cluster_ids", cluster_ids, self.num_clusters)
         x = hidden_states.reshape(-1, self.hidden_size)
         gate, w_gate_up, w_down = (p.to(x.dtype) for p in (self.gate_weight, self.w_gate_up, self.w_down))
-        r = route(x, gate, ids, self.top_k, self.normalize, self.backend)
-        y = moe_experts(x, r.topk_weights, r.topk_ids, w_gate_up, w_down, self.backend)
-        self.aux_loss = load_balancing_loss(r.logits, r.topk_ids, self.num_experts)
+        backend = resolve_moe_backend(x.device, x.dtype, self.backend, self.num_experts, self.top_k)
+        y, routing = moe_forward(x, ids, gate, w_gate_up, w_down, self.top_k, self.normalize, backend)
+        self.aux_loss = (load_balancing_loss(routing.logits, routing.topk_ids, self.num_experts)
+                         if self.training and torch.is_grad_enabled() else None)
         return y.view(hidden_states.shape)
 
     @classmethod

@@ -61,16 +61,7 @@ def cluster_gated_moe(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch/Mixtral auxiliary loss  E * sum_e f_e * P_e  (1.0 when perfectly balanced).
-
-    f_e: fraction of token-slots sent to expert e (not differentiable);
-    P_e: mean over tokens of softmax(logits)[:, e], each token's probabilities coming from
-    the gate of its own cluster.
-    """
-    if logits.shape[0] == 0:
-        return logits.new_zeros((), dtype=torch.float32)
-    probs = torch.softmax(logits.float(), dim=-1)
-    counts = torch.zeros(num_experts, device=logits.device, dtype=torch.float32)
-    counts.scatter_add_(0, topk_ids.reshape(-1).long(), torch.ones_like(topk_ids, dtype=torch.float32).reshape(-1))
-    fraction = counts / topk_ids.numel()
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
+    """Switch/Mixtral auxiliary loss  E * sum_e f_e * P_e  (1.0 when perfectly balanced), with
+    f_e the fraction of token-slots sent to expert e and P_e the mean of softmax(logits)[:, e]."""
+    fraction = F.one_hot(topk_ids.reshape(-1).long(), num_experts).to(logits.dtype).mean(0)
+    return num_experts * (fraction * torch.softmax(logits, dim=-1).mean(0)).sum()
