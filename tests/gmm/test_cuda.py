@@ -13,9 +13,9 @@ import torch
 
 import gavamoe_kernels as gk
 from gavamoe_kernels._backend import cuda_extension_built
-from gavamoe_kernels.testing import poisoned_empty
-from tests.conftest import DEVICE, DTYPES
-from tests.gmm import test_gmm
+from tests.gmm.cases import SHAPES as GRID_SHAPES
+from tests.gmm.cases import gmm_inputs
+from tests.helpers import DEVICE, DTYPES
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,9 +23,9 @@ pytestmark = [
                        reason="the CUDA extension is not built (pip install --no-build-isolation .)"),
 ]
 
-# the test_gmm grid, every component-tile configuration (K <= 4, 8, 16, 32, 64, then several
+# the shared grid (tests/gmm/cases.py), every component-tile configuration (K <= 4, 8, 16, 32, 64, then several
 # 64-wide tiles), the stated limits D = 1024 and K = 256, and more rows than one block
-SHAPES = [*test_gmm.SHAPES, (1000, 128, 4), (513, 128, 8), (777, 128, 16), (300, 64, 32), (300, 33, 64),
+SHAPES = [*GRID_SHAPES, (1000, 128, 4), (513, 128, 8), (777, 128, 16), (300, 64, 32), (300, 33, 64),
           (300, 128, 65), (257, 1024, 256), (70000, 128, 16)]
 SHAPE_IDS = [f"N{n}-D{d}-K{k}" for n, d, k in SHAPES]
 
@@ -34,9 +34,8 @@ SHAPE_IDS = [f"N{n}-D{d}-K{k}" for n, d, k in SHAPES]
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_cuda_log_responsibilities_agree_with_torch_and_triton(shape, dtype):
     N, D, K = shape
-    z, log_pi, mu, logvar = test_gmm.make_inputs(N, D, K, dtype, seed=K)
-    with poisoned_empty():
-        log_gamma, log_norm = gk.gmm_log_prob(z, log_pi, mu, logvar, backend="cuda")
+    z, log_pi, mu, logvar = gmm_inputs(N, D, K, dtype, seed=K)
+    log_gamma, log_norm = gk.gmm_log_prob(z, log_pi, mu, logvar, backend="cuda")
     for other in ("torch", "triton"):
         want_gamma, want_norm = gk.gmm_log_prob(z, log_pi, mu, logvar, backend=other)
         scale = max(1.0, want_norm.abs().max().item() if N else 1.0)
@@ -46,7 +45,7 @@ def test_cuda_log_responsibilities_agree_with_torch_and_triton(shape, dtype):
 
 def test_cuda_gradients_equal_triton():
     """The cuda backend's backward is the Triton kernel, fed the CUDA forward."""
-    inputs = test_gmm.make_inputs(300, 128, 16, seed=2)
+    inputs = gmm_inputs(300, 128, 16, seed=2)
     g = torch.randn(300, 16, device=DEVICE)
     grads = {}
     for backend in ("cuda", "triton"):
@@ -59,7 +58,7 @@ def test_cuda_gradients_equal_triton():
 
 @pytest.mark.parametrize("K", [3, 70])  # one component tile and several
 def test_nan_row_and_impossible_component(K):
-    z, log_pi, mu, logvar = test_gmm.make_inputs(130, 128, K, seed=1)
+    z, log_pi, mu, logvar = gmm_inputs(130, 128, K, seed=1)
     z[17, 5] = float("nan")
     log_pi[1] = float("-inf")
     got = gk.gmm_log_responsibilities(z, log_pi, mu, logvar, backend="cuda")
@@ -75,7 +74,7 @@ def test_nan_row_and_impossible_component(K):
 
 
 def test_responsibilities_capture_in_a_cuda_graph():
-    z, log_pi, mu, logvar = test_gmm.make_inputs(4096, 128, 16, seed=4)
+    z, log_pi, mu, logvar = gmm_inputs(4096, 128, 16, seed=4)
     eager = gk.gmm_responsibilities(z, log_pi, mu, logvar, backend="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

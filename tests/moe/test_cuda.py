@@ -14,9 +14,17 @@ import torch
 import gavamoe_kernels as gk
 from gavamoe_kernels._backend import cuda_extension_built
 from gavamoe_kernels.moe import torch_impl
-from gavamoe_kernels.testing import INT_POISON, assert_same_topk, poisoned_empty
-from tests.conftest import DEVICE, DTYPES
-from tests.moe import test_experts, test_route
+from gavamoe_kernels.testing import INT_POISON, assert_same_topk
+from tests.helpers import DEVICE, DTYPES
+from tests.moe.cases import (
+    EXPERT_IDS,
+    EXPERT_SHAPES,
+    ROUTE_IDS,
+    ROUTE_SHAPES,
+    expert_inputs,
+    reference_probs,
+    route_inputs,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,8 +34,8 @@ pytestmark = [
 
 # the route grid, plus the paper's LLaMA router (H=4096, E=12, C=4), E and k at the kernel's limits,
 # and H not a multiple of the 16-byte vector
-ROUTE_SHAPES = [*test_route.SHAPES, (300, 4096, 12, 4, 2), (65, 256, 256, 3, 8), (40, 4099, 33, 2, 3)]
-ROUTE_IDS = [f"T{t}-H{h}-E{e}-C{c}-k{k}" for t, h, e, c, k in ROUTE_SHAPES]
+CUDA_ROUTE_SHAPES = [*ROUTE_SHAPES, (300, 4096, 12, 4, 2), (65, 256, 256, 3, 8), (40, 4099, 33, 2, 3)]
+CUDA_ROUTE_IDS = [f"T{t}-H{h}-E{e}-C{c}-k{k}" for t, h, e, c, k in CUDA_ROUTE_SHAPES]
 TOL = 1e-4  # every backend accumulates the same rounded inputs in fp32; only the order differs
 
 
@@ -39,13 +47,12 @@ def _ext():
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", ROUTE_SHAPES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("shape", CUDA_ROUTE_SHAPES, ids=CUDA_ROUTE_IDS)
 def test_cuda_router_agrees_with_torch_and_triton(shape, dtype, id_dtype):
     T, H, E, C, k = shape
-    hidden, gate, cids = test_route.make_inputs(T, H, E, C, dtype, seed=3, id_dtype=id_dtype)
-    with poisoned_empty():
-        cuda = gk.route(hidden, gate, cids, top_k=k, backend="cuda")
-    probs64 = test_route.reference_probs(hidden, gate, cids)
+    hidden, gate, cids = route_inputs(T, H, E, C, dtype, seed=3, id_dtype=id_dtype)
+    cuda = gk.route(hidden, gate, cids, top_k=k, backend="cuda")
+    probs64 = reference_probs(hidden, gate, cids)
     assert_same_topk(cuda.topk_ids.cpu(), probs64, k, tol=1e-5 if dtype == torch.float32 else 1e-3)
     for other in ("torch", "triton"):
         r = gk.route(hidden, gate, cids, top_k=k, backend=other)
@@ -55,11 +62,11 @@ def test_cuda_router_agrees_with_torch_and_triton(shape, dtype, id_dtype):
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("shape", test_route.SHAPES[1:], ids=test_route.SHAPE_IDS[1:])
+@pytest.mark.parametrize("shape", ROUTE_SHAPES[1:], ids=ROUTE_IDS[1:])
 def test_cuda_router_gradients_equal_triton(shape, normalize):
     """The cuda backend's router backward is the Triton kernel, fed the CUDA forward."""
     T, H, E, C, k = shape
-    hidden, gate, cids = test_route.make_inputs(T, H, E, C, torch.float32, seed=5)
+    hidden, gate, cids = route_inputs(T, H, E, C, torch.float32, seed=5)
     d_w = torch.randn(T, k, device=DEVICE)
     grads = {}
     for backend in ("cuda", "triton"):
@@ -72,30 +79,34 @@ def test_cuda_router_gradients_equal_triton(shape, normalize):
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
-@pytest.mark.parametrize("shape", test_experts.SHAPES, ids=test_experts.SHAPE_IDS)
+@pytest.mark.parametrize("shape", EXPERT_SHAPES, ids=EXPERT_IDS)
 def test_cuda_routing_metadata_equals_stable_sort(shape, id_dtype):
     from gavamoe_kernels.moe.cuda_impl import routing_metadata
 
     E = shape[3]
-    _, _, ids, _, _ = test_experts.make_inputs(*shape, torch.float32)
+    _, _, ids, _, _ = expert_inputs(*shape, torch.float32)
     # also many blocks of 256 slots, and the largest E the kernel takes
     for topk_ids, experts in ((ids, E), (torch.randint(0, E, (5000, 2), device=DEVICE), E),
                               (torch.randint(0, 256, (3001, 8), device=DEVICE), 256)):
         topk_ids = topk_ids.to(id_dtype)
-        with poisoned_empty():
-            got = routing_metadata(topk_ids, experts)
+        got = routing_metadata(topk_ids, experts)
         want = torch_impl.routing_metadata(topk_ids, experts)
         for name, a, b in zip(("sorted_slots", "slot_pos", "counts"), got, want, strict=True):
             assert a.dtype == torch.int32 and not (a == INT_POISON).any(), name
             assert torch.equal(a, b), name
 
 
-def test_shapes_past_the_cuda_limits_run_the_triton_kernels():
-    hidden, gate, cids = test_route.make_inputs(50, 64, 300, 2, torch.float32)
+def test_shapes_past_the_cuda_limits_are_refused_by_name_and_run_triton_when_automatic():
+    hidden, gate, cids = route_inputs(50, 64, 300, 2, torch.float32)
     for k in (2, 9):
-        a = gk.route(hidden, gate, cids, top_k=k, backend="cuda")
+        with pytest.raises(gk.BackendUnavailableError, match="at most 256 experts"):
+            gk.route(hidden, gate, cids, top_k=k, backend="cuda")
+        a = gk.route(hidden, gate, cids, top_k=k, backend="auto")
         b = gk.route(hidden, gate, cids, top_k=k, backend="triton")
         assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.logits, b.logits)
+    small_gate = gate[:, :12].contiguous()
+    with pytest.raises(gk.BackendUnavailableError, match="top_k up to 8"):
+        gk.route(hidden, small_gate, cids, top_k=9, backend="cuda")
 
 
 def test_moe_runs_on_the_cuda_backend_under_a_cuda_graph():

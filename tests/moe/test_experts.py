@@ -9,35 +9,11 @@ import gavamoe_kernels as gk
 from gavamoe_kernels.moe import reference as ref
 from gavamoe_kernels.moe import torch_impl
 from gavamoe_kernels.moe.ops import _experts_fwd, _route_fwd
-from gavamoe_kernels.testing import INT_POISON, assert_close_to_reference, poisoned_empty
-from tests.conftest import ATOL, BACKENDS, DEVICE, DTYPES, skip_unsupported
-
-# (T, H, I, E, k, routing): T around the decode limit (64), prime E, k = 1 and k = E,
-# every token to one expert, H and I not powers of two
-SHAPES = [
-    (0, 32, 16, 4, 2, "random"),
-    (1, 48, 40, 7, 2, "random"),
-    (7, 40, 24, 5, 5, "random"),
-    (64, 24, 20, 3, 1, "random"),
-    (129, 72, 40, 13, 2, "random"),
-    (70, 36, 28, 6, 2, "one_expert"),
-]
-SHAPE_IDS = [f"T{t}-H{h}-I{i}-E{e}-k{k}-{r}" for t, h, i, e, k, r in SHAPES]
-
-
-def make_inputs(T, H, I, E, k, routing, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    w_down = torch.randn(E, H, I, generator=g) / I**0.5
-    weights = torch.rand(T, k, generator=g) + 0.1
-    if routing == "one_expert":
-        ids = torch.full((T, k), E - 1)
-        ids[:, 1:] = torch.arange(k - 1).expand(T, -1) if k > 1 else ids[:, 1:]
-    else:
-        ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
-    to = lambda t: t.to(DEVICE, dtype)
-    return to(hidden), weights.to(DEVICE), ids.to(DEVICE), to(w_gate_up), to(w_down)
+from gavamoe_kernels.testing import INT_POISON, assert_close_to_reference
+from tests.helpers import ATOL, BACKENDS, DEVICE, DTYPES, LAYOUTS, expect_refusal, with_layout
+from tests.moe.cases import EXPERT_IDS as SHAPE_IDS
+from tests.moe.cases import EXPERT_SHAPES as SHAPES
+from tests.moe.cases import expert_inputs as make_inputs
 
 
 def _grads(fn, inputs, d_y):
@@ -60,12 +36,13 @@ def _as(inputs, dtype, device="cpu"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_moe_experts_forward_and_gradients(shape, backend, dtype):
-    skip_unsupported(backend, dtype)
     T, H, _, E, _, _ = shape
     inputs = make_inputs(*shape, dtype, seed=T + E)
     d_y = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
-    with poisoned_empty():
+    with expect_refusal(backend, dtype) as refused:
         y, grads = _grads(lambda *a: gk.moe_experts(*a, backend=backend), inputs, d_y)
+    if refused:
+        return
     y64, grads64 = _grads(ref.moe_experts, _as(inputs, torch.float64), d_y)
     y_base, grads_base = _grads(ref.moe_experts, _as(inputs, dtype), d_y)
     assert y.dtype == dtype
@@ -99,18 +76,70 @@ def test_cluster_gated_moe_matches_reference(shape, backend):
 def test_triton_routing_metadata_equals_stable_sort(shape):
     if "triton" not in BACKENDS:
         pytest.skip("Triton is not runnable here")
-    from gavamoe_kernels.moe.routing import SLOT_BLOCK, routing_metadata
+    from gavamoe_kernels.moe.metadata import SLOT_BLOCK, routing_metadata
 
     E = shape[3]
     _, _, ids, _, _ = make_inputs(*shape, torch.float32)
-    # also more slots than one block, to cover the cross-block prefix
+    # also more slots than one block, to cover the three-launch path and its cross-block prefix
     for topk_ids in (ids, torch.randint(0, E, (3 * SLOT_BLOCK + 5, 1), device=DEVICE)):
-        with poisoned_empty():
-            got = routing_metadata(topk_ids, E)
+        got = routing_metadata(topk_ids, E)
         want = torch_impl.routing_metadata(topk_ids, E)
         for name, a, b in zip(("sorted_slots", "slot_pos", "counts"), got, want, strict=True):
             assert a.dtype == torch.int32 and not (a == INT_POISON).any(), name
             assert torch.equal(a.cpu(), b.cpu()), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]], ids=[SHAPE_IDS[2], SHAPE_IDS[4]])
+def test_every_hidden_layout_gives_the_reference(shape, backend, layout):
+    """hidden as a transposed view, every other column, or one row repeated (stride 0): the
+    output is contiguous and right, and so are the gradients."""
+    T, H = shape[:2]
+    hidden, weights, ids, w1, w2 = make_inputs(*shape, torch.float32, seed=2)
+    hidden = with_layout(hidden, layout)
+    d_y = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
+    y, grads = _grads(lambda *a: gk.moe_experts(*a, backend=backend), (hidden, weights, ids, w1, w2), d_y)
+    y64, grads64 = _grads(ref.moe_experts, _as((hidden, weights, ids, w1, w2), torch.float64), d_y)
+    y_base, grads_base = _grads(ref.moe_experts, _as((hidden, weights, ids, w1, w2), torch.float32), d_y)
+    assert y.is_contiguous()
+    assert_close_to_reference("y", y.cpu(), y64, y_base, ATOL[torch.float32])
+    for name, g, g64, gb in zip(("d hidden", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64,
+                                grads_base, strict=True):
+        assert_close_to_reference(name, g.cpu(), g64, gb, ATOL[torch.float32] * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_in_other_layouts(backend):
+    """Expert weights as transposed views of other storage give the same result."""
+    hidden, weights, ids, w1, w2 = make_inputs(33, 24, 16, 5, 2, "random", torch.float32)
+    want = gk.moe_experts(hidden, weights, ids, w1, w2, backend=backend)
+    w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(gk.moe_experts(hidden, weights, ids, w1_t, w2_t, backend=backend), want,
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not runnable here")
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]], ids=[SHAPE_IDS[2], SHAPE_IDS[4]])
+def test_tma_weight_loads_give_the_reference(shape):
+    """The Tensor Memory Accelerator path (GAVAMOE_TMA=1) of the up-, down- and input-gradient
+    GEMMs, at decoding (T <= 64) and prefill sizes, forward and backward."""
+    from gavamoe_kernels import _triton
+
+    if not _triton.TMA_SUPPORTED:
+        pytest.skip("this Triton has no tensor descriptors")
+    T, H = shape[:2]
+    inputs = make_inputs(*shape, torch.float32, seed=12)
+    d_y = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
+    with _triton.use_tma(True):
+        y, grads = _grads(lambda *a: gk.moe_experts(*a, backend="triton"), inputs, d_y)
+    y64, grads64 = _grads(ref.moe_experts, _as(inputs, torch.float64), d_y)
+    y_base, grads_base = _grads(ref.moe_experts, _as(inputs, torch.float32), d_y)
+    assert_close_to_reference("y", y.cpu(), y64, y_base, ATOL[torch.float32])
+    for name, g, g64, gb in zip(("d hidden", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64,
+                                grads_base, strict=True):
+        assert_close_to_reference(name, g.cpu(), g64, gb, ATOL[torch.float32] * 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,7 +7,7 @@ import torch
 
 import gavamoe_kernels as gk
 from gavamoe_kernels.moe.hf import MoEMLP
-from tests.conftest import BACKENDS, DEVICE
+from tests.helpers import BACKENDS, DEVICE
 
 transformers = pytest.importorskip("transformers")
 
@@ -195,3 +195,22 @@ def test_llama_on_the_triton_backend_matches_torch():
     with gk.use_backend("triton"):
         got = model(input_ids=ids, attention_mask=mask, cluster_ids=clusters).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_with_static_cache_under_torch_compile(backend):
+    """Decoding as users speed it up: Hugging Face's static cache and torch.compile(mode=
+    "reduce-overhead", fullgraph=True), which captures CUDA graphs on a GPU. No graph break (fullgraph),
+    and the same tokens as eager generation."""
+    model = moe_model("llama")
+    for moe in model.modules():
+        if isinstance(moe, gk.ClusterGatedMoE):
+            moe.backend = backend
+    ids, mask = left_padded(PROMPTS[:2])
+    clusters = torch.tensor(CLUSTERS[:2], device=DEVICE)
+    kwargs = dict(attention_mask=mask, cluster_ids=clusters, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    eager = model.generate(ids, **kwargs)
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    assert torch.equal(model.generate(ids, **kwargs), eager)

@@ -8,7 +8,8 @@ from torch import nn
 
 import gavamoe_kernels as gk
 from gavamoe_kernels.moe import reference as ref
-from tests.conftest import BACKENDS, DEVICE
+from gavamoe_kernels.moe.layer import load_balancing_loss
+from tests.helpers import BACKENDS, DEVICE
 
 
 def make_layer(backend=None, **kw):
@@ -97,10 +98,10 @@ def test_aux_loss_matches_formula_and_trains_the_gate(backend):
     x = torch.randn(40, 24, device=DEVICE)
     cids = torch.randint(0, 3, (40,), device=DEVICE)
     moe(x, cids)
-    r = ref.route(x.double(), moe.gate_weight.double(), cids, 2)
-    want = ref.load_balancing_loss(r[2], r[1], 5)
+    _, ids, logits = ref.route(x.double(), moe.gate_weight.double(), cids, 2)
+    want = ref.load_balancing_loss(logits, ids, 5)
     assert moe.aux_loss.dtype == torch.float32
-    torch.testing.assert_close(moe.aux_loss, want.to(moe.aux_loss.device), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.aux_loss, want.float().to(moe.aux_loss.device), atol=1e-5, rtol=1e-5)
     moe.aux_loss.backward()
     assert moe.gate_weight.grad is not None and moe.gate_weight.grad.abs().sum() > 0
     assert gk.collect_aux_loss(nn.Sequential(moe)) is moe.aux_loss or torch.equal(
@@ -110,7 +111,63 @@ def test_aux_loss_matches_formula_and_trains_the_gate(backend):
 def test_aux_loss_is_one_when_perfectly_balanced():
     logits = torch.zeros(8, 4)
     ids = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert load_balancing_loss(logits, ids, 4).item() == pytest.approx(1.0)
     assert ref.load_balancing_loss(logits, ids, 4).item() == pytest.approx(1.0)
+
+
+def test_aux_loss_only_where_it_is_used():
+    """Computed in training mode with gradients on; None in eval mode and under no_grad (generation)."""
+    moe = make_layer()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    ids = torch.tensor([0, 2], device=DEVICE)
+    moe(x, ids)
+    assert moe.aux_loss is not None
+    with torch.no_grad():
+        moe(x, ids)
+    assert moe.aux_loss is None
+    moe.eval()
+    moe(x, ids)
+    assert moe.aux_loss is None and gk.collect_aux_loss(nn.Sequential(moe)) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_input_gives_the_reference(backend):
+    """A (S, B, H) -> (B, S, H) permuted view goes in as it is; the output has the input's shape."""
+    moe = make_layer(backend)
+    x = torch.randn(6, 3, 24, device=DEVICE).permute(1, 0, 2)  # (B=3, S=6, H) with strides of (S, B, H)
+    per_seq = torch.tensor([2, 0, 1], device=DEVICE)
+    y = moe(x, per_seq)
+    want = ref.cluster_gated_moe(x.reshape(-1, 24).double(), per_seq.repeat_interleave(6),
+                                 moe.gate_weight.double(), moe.w_gate_up.double(), moe.w_down.double(), 2)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.reshape(-1, 24).double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_cluster_ids_are_checked_once_per_tensor(monkeypatch):
+    """The range check reads the ids once per tensor: a model's layers and decoding steps share
+    one ids tensor. An in-place change makes it check again; GAVAMOE_ID_CHECK=off skips it."""
+    from gavamoe_kernels import _checks
+
+    monkeypatch.setenv("GAVAMOE_ID_CHECK", "sync")  # the host read, on any device
+    reads = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: reads.append(1) or real(t))
+    moe = make_layer()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    ids = torch.tensor([0, 2], device=DEVICE)
+    for _ in range(3):
+        moe(x, ids)
+    assert len(reads) == 1
+    ids[1] = 5  # out of range, in place
+    with pytest.raises(ValueError, match=r"cluster_ids must hold values in \[0, 3\)"):
+        moe(x, ids)
+    monkeypatch.setenv("GAVAMOE_ID_CHECK", "off")
+    fresh = torch.tensor([0, 1], device=DEVICE)
+    moe(x, fresh)
+    assert len(reads) == 2 and id(fresh) not in _checks._checked
+    monkeypatch.setenv("GAVAMOE_ID_CHECK", "loud")
+    with pytest.raises(ValueError, match="GAVAMOE_ID_CHECK must be one of"):
+        moe(x, fresh)
 
 
 def test_parameters_are_cast_to_the_input_dtype():
@@ -173,8 +230,8 @@ def test_backend_environment_variable(monkeypatch):
 
 @pytest.mark.skipif("triton" not in BACKENDS or DEVICE.type != "cpu", reason="interpreter check, CPU only")
 def test_interpreter_set_too_late_is_a_clear_error(monkeypatch):
-    from gavamoe_kernels.moe import routing
+    from gavamoe_kernels import _triton
 
-    monkeypatch.setattr(routing, "INTERPRET", False)  # as if the kernels had loaded before TRITON_INTERPRET=1
+    monkeypatch.setattr(_triton, "INTERPRET", False)  # as if the kernels had loaded before TRITON_INTERPRET=1
     with pytest.raises(gk.BackendUnavailableError, match="set it before the first call"):
         gk.route(torch.randn(3, 8), torch.randn(2, 4, 8), torch.zeros(3, dtype=torch.long), backend="triton")

@@ -7,24 +7,12 @@ import torch
 
 import gavamoe_kernels as gk
 from gavamoe_kernels.moe import reference as ref
-from gavamoe_kernels.testing import assert_close_to_reference, assert_same_topk, poisoned_empty
-from tests.conftest import ATOL, BACKENDS, DEVICE, DTYPES, skip_unsupported
-
-# (T, H, E, C, k): empty, single token, k = E, prime E with H not a power of two, k = 1
-SHAPES = [(0, 32, 5, 2, 2), (1, 48, 7, 3, 1), (7, 40, 5, 1, 5), (129, 72, 13, 4, 2), (33, 20, 3, 2, 3)]
-SHAPE_IDS = [f"T{t}-H{h}-E{e}-C{c}-k{k}" for t, h, e, c, k in SHAPES]
-
-
-def make_inputs(T, H, E, C, dtype, seed=0, id_dtype=torch.int64):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g)
-    gate = torch.randn(C, E, H, generator=g) / H**0.5 * 3
-    cluster_ids = torch.randint(0, C, (T,), generator=g).to(id_dtype)
-    return hidden.to(DEVICE, dtype), gate.to(DEVICE, dtype), cluster_ids.to(DEVICE)
-
-
-def reference_probs(hidden, gate, cluster_ids):
-    return torch.softmax(ref.route_logits(hidden.double().cpu(), gate.double().cpu(), cluster_ids.cpu()), -1)
+from gavamoe_kernels.testing import assert_close_to_reference, assert_same_topk
+from tests.helpers import ATOL, BACKENDS, DEVICE, DTYPES, LAYOUTS, expect_refusal, with_layout
+from tests.moe.cases import ROUTE_IDS as SHAPE_IDS
+from tests.moe.cases import ROUTE_SHAPES as SHAPES
+from tests.moe.cases import reference_probs
+from tests.moe.cases import route_inputs as make_inputs
 
 
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
@@ -32,11 +20,12 @@ def reference_probs(hidden, gate, cluster_ids):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_route_forward_matches_reference(shape, backend, dtype, normalize):
-    skip_unsupported(backend, dtype)
     T, H, E, C, k = shape
     hidden, gate, cids = make_inputs(T, H, E, C, dtype, seed=T + E)
-    with poisoned_empty():
+    with expect_refusal(backend, dtype) as refused:
         r = gk.route(hidden, gate, cids, top_k=k, normalize=normalize, backend=backend)
+    if refused:
+        return
     assert r.topk_weights.dtype == torch.float32 and r.logits.dtype == torch.float32
     assert r.topk_ids.shape == (T, k) and r.topk_weights.shape == (T, k) and r.logits.shape == (T, E)
     _, _, l64 = ref.route(hidden.double().cpu(), gate.double().cpu(), cids.cpu(), k, normalize)
@@ -95,6 +84,23 @@ def test_route_gradients(shape, backend, dtype, normalize):
     dx_base, dgate_base = grads(hidden.cpu(), gate.cpu(), plain)
     assert_close_to_reference("d hidden", dx.cpu(), dx64, dx_base, ATOL[dtype])
     assert_close_to_reference("d gate_weight", dgate.cpu(), dgate64, dgate_base, ATOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_hidden_layout_gives_the_reference(backend, layout):
+    T, H, E, C, k = SHAPES[3]
+    hidden, gate, cids = make_inputs(T, H, E, C, torch.float32, seed=8)
+    x = with_layout(hidden, layout).requires_grad_()
+    r = gk.route(x, gate, cids, top_k=k, backend=backend)
+    d_w = torch.randn(T, k, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    (r.topk_weights * d_w).sum().backward()
+    x64 = x.detach().double().cpu().requires_grad_()
+    w64, _, l64 = ref.route(x64, gate.double().cpu(), cids.cpu(), k)
+    (w64 * d_w.double().cpu()).sum().backward()
+    assert_same_topk(r.topk_ids.cpu(), reference_probs(x.detach(), gate, cids), k)
+    torch.testing.assert_close(r.logits.double().cpu(), l64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter computing on the NaN row
