@@ -1,11 +1,13 @@
 # Front door: make venv | make test | make lint | make cuda-check | make bench | make demo
+# GPU runbook (benchmarks/NOTES.md): make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm [K=expr]
 PYTHON ?= python3
+GPU_PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-gpu lint cuda-check bench demo
+.PHONY: venv test test-gpu lint cuda-check bench demo gpu-check bench-gpu runbook-dry-run
 
 venv: $(VENV)/.installed
 
@@ -34,6 +36,19 @@ cuda-check: venv
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider
+
+# On a lent GPU machine, with its own python3 (no venv, no downloads): install, build, test, summarise.
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.runbook check
+
+# One benchmark suite at its GPU shapes into benchmarks/results/ (K= narrows it with pytest -k).
+bench-gpu:
+	$(GPU_PYTHON) -m benchmarks.runbook bench --suite $(SUITE) $(if $(K),-k "$(K)")
+
+# CI: every step of the runbook that needs no CUDA, with the venv's python, into a scratch folder.
+runbook-dry-run: venv
+	$(BIN)/python -m benchmarks.runbook check --dry-run
+	for suite in moe decode router gmm; do $(BIN)/python -m benchmarks.runbook bench --suite $$suite --dry-run || exit 1; done
 
 # Both stages, the two ablations, generation and metrics on the default synthetic data (runs/demo/).
 demo: venv

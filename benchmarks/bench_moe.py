@@ -1,11 +1,13 @@
-"""The MoE experts (given the routing) against what users would pick instead: the eager
-per-expert loop, PyTorch's grouped GEMM, and MegaBlocks (reported skipped: not wired). Every implementation
-gets the same hidden states, weights, top-k ids and top-k weights; its output (and, for
-training, its gradients) is checked against ours before it is timed.
+"""The MoE experts (given the routing), training step and forward, against what users would pick
+instead: the eager per-expert loop, PyTorch's grouped GEMM and ``torch.compile`` of it,
+Liger-Kernel's fused MoE, and MegaBlocks (reported skipped where it is not importable). Every
+row gets the same hidden states, weights, top-k ids and top-k weights, and its output (and, for
+training, its four gradients) is checked against the float64 reference by the STYLE.md rule
+before it is timed.
 
-Training: forward + backward (6 + 12 T k H I FLOPs). Decoding: forward only, against the floor
-of reading the active experts' weights once. A dense matmul of equal FLOPs in the same run
-gives the hardware rate the report measures against. The router is timed in bench_router.py.
+Training: forward + backward, out.backward(d_y) (18 T k H I FLOPs), against a dense linear
+[T k, H] x [H, 3I] forward + backward of the same FLOPs through the same step. Forward: no
+grad, against the dense forward (6 T k H I FLOPs). Decoding is in bench_decode.py.
 """
 
 from __future__ import annotations
@@ -16,136 +18,197 @@ import pytest
 import torch
 
 import gavamoe_kernels as gk
-from benchmarks import peers
-from benchmarks.common import DEVICE, DTYPE, ON_GPU, our_backends, run_timed
+from benchmarks import model, peers
+from benchmarks.common import (
+    DEVICE,
+    DTYPE,
+    ON_GPU,
+    backward_step,
+    check_all,
+    generator,
+    our_backends,
+    record_check,
+    run_timed,
+)
+from gavamoe_kernels._backend import triton_installed
+from gavamoe_kernels.moe import reference
 
 E, K = 12, 2
 LLAMA, GPT2 = (4096, 1280), (768, 256)  # (H, I): the paper's variants, I = dense FFN / E
 if ON_GPU:
     TRAIN = [("llama", T) for T in (4096, 16384, 32768)] + [("gpt2", T) for T in (8192, 40960)]
-    DECODE = [("llama", T) for T in (1, 4, 16, 64, 256)]
 else:  # sized for a 2-core CPU
     TRAIN = [("llama", 512), ("gpt2", 2048)]
-    DECODE = [("llama", T) for T in (1, 16)]
 TINY = {"llama": (64, 24), "gpt2": (48, 16)}
 ROUTINGS = ["uniform", "skewed"]
+GRADIENTS = ("d hidden", "d topk_weights", "d w_gate_up", "d w_down")
 
 
-def moe_inputs(model: str, T: int, routing: str, full_size: bool, seed: int = 0):
-    """hidden [T,H], topk_weights [T,k] fp32, topk_ids [T,k], w_gate_up [E,2I,H], w_down [E,H,I].
-    Skewed routing draws experts with probability proportional to 1/(e+1) (expert 0 gets ~32%)."""
-    H, I = (LLAMA if model == "llama" else GPT2) if full_size else TINY[model]
-    T = T if full_size else min(T, 37)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    p = torch.ones(E) if routing == "uniform" else 1.0 / torch.arange(1, E + 1)
+def sizes(model_name: str, T: int, full_size: bool) -> tuple[int, int, int]:
+    H, I = (LLAMA if model_name == "llama" else GPT2) if full_size else TINY[model_name]
+    return (T if full_size else min(T, 37)), H, I
+
+
+def moe_inputs(model_name: str, T: int, routing: str, full_size: bool, seed: int = 0):
+    """hidden [T,H], topk_weights [T,k] fp32, topk_ids [T,k], w_gate_up [E,2I,H], w_down [E,H,I],
+    drawn on the device. Skewed routing draws experts with probability proportional to 1/(e+1)
+    (expert 0 gets about 32% of the slots)."""
+    T, H, I = sizes(model_name, T, full_size)
+    g = generator(seed)
+    p = torch.ones(E, device=DEVICE) if routing == "uniform" else 1.0 / torch.arange(1, E + 1, device=DEVICE)
     ids = torch.multinomial(p.expand(T, E), K, replacement=False, generator=g)
-    weights = torch.softmax(torch.randn(T, K, generator=g), -1)
-    hidden = torch.randn(T, H, generator=g)
-    w_gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
-    w_down = torch.randn(E, H, I, generator=g) / I**0.5
-    to = lambda t: t.to(DEVICE, DTYPE)
-    return to(hidden), weights.to(DEVICE), ids.to(DEVICE), to(w_gate_up), to(w_down)
+    weights = torch.softmax(torch.randn(T, K, device=DEVICE, generator=g), -1)
+    hidden = torch.randn(T, H, device=DEVICE, generator=g).to(DTYPE)
+    w_gate_up = (torch.randn(E, 2 * I, H, device=DEVICE, generator=g) / H**0.5).to(DTYPE)
+    w_down = (torch.randn(E, H, I, device=DEVICE, generator=g) / I**0.5).to(DTYPE)
+    return hidden, weights, ids, w_gate_up, w_down
+
+
+def _with_tma(*args):
+    """Our Triton backend with the weights brought in by the Tensor Memory Accelerator."""
+    from gavamoe_kernels import _triton
+
+    with _triton.use_tma(True):
+        return gk.moe_experts(*args, backend="triton")
 
 
 def implementations(full_size: bool) -> dict:
-    impls = {f"gavamoe-{b}": functools.partial(gk.moe_experts, backend=b) for b in our_backends(full_size)}
-    impls["eager-loop"] = peers.eager_per_expert_loop
-    impls["grouped_mm"] = peers.grouped_mm_moe
-    impls["megablocks"] = None
+    """name -> (role, function, or the reason it cannot run here)."""
+    impls: dict = {f"gavamoe-{b}": ("ours", functools.partial(gk.moe_experts, backend=b))
+                   for b in our_backends(full_size)}
+    if "triton" in impls and triton_installed():
+        from gavamoe_kernels import _triton
+
+        impls["gavamoe-triton-tma"] = ("ours", _with_tma if _triton.TMA_SUPPORTED else
+                                       "this Triton has no tensor descriptors")
+    impls["eager-loop"] = ("peer", peers.eager_per_expert_loop)
+    impls["grouped_mm"] = ("peer", peers.grouped_mm_moe if peers.grouped_mm_available() else
+                           f"torch {torch.__version__} has no grouped_mm")
+    impls["torch.compile(grouped_mm)"] = ("peer", _compiled_grouped_mm() if peers.grouped_mm_available() else
+                                          f"torch {torch.__version__} has no grouped_mm")
+    reason = peers.liger_available()
+    impls["liger-kernel"] = ("peer", reason or peers.liger_fused_moe)
+    impls["megablocks"] = ("peer", "megablocks is not installed here" if not peers.megablocks_importable() else
+                           "MegaBlocks peer: not wired yet (no machine with megablocks has checked it against ours)")
     return impls
 
 
-IMPL_NAMES = implementations(full_size=False) | implementations(full_size=True)
-ATOL = 3e-2 if DTYPE == torch.bfloat16 else 1e-3
+@functools.cache
+def _compiled_grouped_mm() -> peers.Compiled:
+    return peers.Compiled(peers.grouped_mm_moe)
 
 
-def _skip_unavailable(impl: str, impls: dict) -> None:
-    if impl == "megablocks":
-        pytest.skip("MegaBlocks peer: megablocks is not installed here" if not peers.megablocks_importable() else
-                    "MegaBlocks peer: not wired yet (no machine with megablocks has checked it against ours)")
+IMPL_NAMES = ["gavamoe-torch", "gavamoe-triton", "gavamoe-cuda", "gavamoe-triton-tma", "eager-loop", "grouped_mm",
+              "torch.compile(grouped_mm)", "liger-kernel", "megablocks"]
+
+
+def _implementation(impl: str, full_size: bool):
+    impls = implementations(full_size)
     if impl not in impls:
         pytest.skip(f"{impl} is not timed on this machine")
-    if impl == "grouped_mm" and not peers.grouped_mm_available():
-        pytest.skip(f"torch {torch.__version__} has no grouped_mm")
+    role, fn = impls[impl]
+    if isinstance(fn, str):
+        pytest.skip(f"{impl}: {fn}")
+    return role, fn
 
 
-def _reference(*inputs):
-    return gk.moe_experts(*inputs, backend="triton" if ON_GPU else "torch")
+@functools.lru_cache(maxsize=1)
+def _training_reference(shape, routing, full_size):
+    """(float64 grads, grads of plain torch in DTYPE, inputs, d_y) for one case, on the device."""
+    inputs = moe_inputs(*shape, routing, full_size)
+    d_y = torch.randn(inputs[0].shape, device=DEVICE, generator=generator(7)).to(DTYPE)
+
+    def grads(dtype):
+        hidden, weights, ids, w1, w2 = inputs
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weights, w1, w2)]
+        step = backward_step(reference.moe_experts, leaves, d_y.to(dtype))
+        return step(leaves[0], leaves[1], ids, leaves[2], leaves[3])
+
+    return grads(torch.float64), grads(DTYPE), inputs, d_y
 
 
-@pytest.mark.parametrize("impl", list(IMPL_NAMES))
+@functools.lru_cache(maxsize=1)
+def _forward_reference(shape, routing, full_size):
+    inputs = moe_inputs(*shape, routing, full_size)
+    hidden, weights, ids, w1, w2 = inputs
+    with torch.no_grad():
+        want = reference.moe_experts(hidden.double(), weights.double(), ids, w1.double(), w2.double())
+        base = reference.moe_experts(hidden, weights.to(DTYPE), ids, w1, w2)
+    return want, base, inputs
+
+
+def _moe_shape(inputs) -> model.MoEShape:
+    hidden, _, ids, _, w2 = inputs
+    counts = torch.bincount(ids.reshape(-1), minlength=E).tolist()
+    return model.MoEShape(hidden.shape[0], w2.shape[1], w2.shape[2], K, tuple(counts), hidden.element_size())
+
+
+def _prediction(impl: str, kernels_of, inputs, rates):
+    if not impl.startswith("gavamoe"):
+        return None
+    shape = _moe_shape(inputs)
+    if impl == "gavamoe-torch":
+        return model.predict(model.torch_backend_forward_kernels(shape), rates) if kernels_of == "forward" else None
+    kernels = (model.moe_training_kernels(shape, rates) if kernels_of == "training"
+               else model.moe_forward_kernels(shape, rates))
+    return model.predict(kernels, rates)
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("shape", TRAIN, ids=[f"{m}-T{t}" for m, t in TRAIN])
-def test_moe_training_step(benchmark, full_size, shape, routing, impl):
+def test_moe_training_step(benchmark, full_size, rates, shape, routing, impl):
     """Forward + backward of the experts: d hidden, d topk_weights, d w_gate_up, d w_down."""
-    impls = implementations(full_size)
-    _skip_unavailable(impl, impls)
-    hidden, weights, ids, w1, w2 = moe_inputs(*shape, routing, full_size)
-    leaves = [t.requires_grad_() for t in (hidden, weights, w1, w2)]
-    d_y = torch.randn_like(hidden)
+    role, fn = _implementation(impl, full_size)
+    want, base, inputs, d_y = _training_reference(shape, routing, full_size)
+    hidden, weights, ids, w1, w2 = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weights, w1, w2)]
+    step = backward_step(fn, leaves, d_y)
+    args = (leaves[0], leaves[1], ids, leaves[2], leaves[3])
+    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    record_check(benchmark, role, lambda: check_all(GRADIENTS, step(*args), want, base, DTYPE))
+    T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
+    info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+    run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", impl, role, lambda: step(*args),
+              flops=18.0 * T * K * H * I, prediction=_prediction(impl, "training", inputs, rates), **info)
 
-    def step(fn):
-        for t in leaves:
-            t.grad = None
-        (fn(hidden, weights, ids, w1, w2) * d_y).sum().backward()
-        return [t.grad for t in leaves]
 
-    want = [g.clone() for g in step(_reference)]
-    for name, got, ref in zip(("d hidden", "d weights", "d w_gate_up", "d w_down"), step(impls[impl]), want,
-                              strict=True):
-        scale = ref.abs().max().item() or 1.0
-        torch.testing.assert_close(got.float() / scale, ref.float() / scale, atol=ATOL, rtol=0, msg=name)
-    T, (H, I) = hidden.shape[0], (w2.shape[1], w2.shape[2])
-    run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", impl,
-              "ours" if impl.startswith("gavamoe") else "peer", step, impls[impl], flops=18.0 * T * K * H * I)
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("shape", TRAIN, ids=[f"{m}-T{t}" for m, t in TRAIN])
+def test_moe_forward(benchmark, full_size, rates, shape, impl):
+    """Forward only, no grad (uniform routing): the target is 70% of the dense matmul rate."""
+    role, fn = _implementation(impl, full_size)
+    want, base, inputs = _forward_reference(shape, "uniform", full_size)
+    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    with torch.no_grad():
+        record_check(benchmark, role, lambda: check_all(("y",), (fn(*inputs),), (want,), (base,), DTYPE))
+        hidden, _, _, _, w2 = inputs
+        T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
+        info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+        run_timed(benchmark, f"moe forward {shape[0]} T={T} uniform", impl, role, lambda: fn(*inputs),
+                  flops=6.0 * T * K * H * I, prediction=_prediction(impl, "forward", inputs, rates), **info)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("shape", TRAIN, ids=[f"{m}-T{t}" for m, t in TRAIN])
 def test_dense_matmul_at_equal_flops(benchmark, full_size, shape, routing):
-    """The hardware rate of the training case: a dense linear [T k, H] x [H, 3I] forward +
-    backward, 18 T k H I FLOPs, the same work as the MoE step."""
-    hidden, _, _, _, w2 = moe_inputs(*shape, routing, full_size)
-    T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
-    x = hidden.repeat(K, 1).requires_grad_()
-    w = torch.randn(3 * I, H, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    d_y = torch.randn(T * K, 3 * I, device=DEVICE, dtype=DTYPE)
-
-    def step():
-        x.grad = w.grad = None
-        (x @ w.T).backward(d_y)
-
-    run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", "dense matmul", "limit", step,
+    """The hardware rate of the training case: a dense linear [T k, H] x [H, 3I] through the same
+    training step (out.backward(d_out)), 18 T k H I FLOPs, the MoE step's work."""
+    T, H, I = sizes(*shape, full_size)
+    g = generator(1)
+    x = torch.randn(T * K, H, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_()
+    w = torch.randn(3 * I, H, device=DEVICE, dtype=DTYPE, generator=g).requires_grad_()
+    d_out = torch.randn(T * K, 3 * I, device=DEVICE, dtype=DTYPE, generator=g)
+    step = backward_step(lambda a, b: a @ b.T, [x, w], d_out)
+    run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", "dense matmul", "limit", lambda: step(x, w),
               flops=18.0 * T * K * H * I)
 
 
-@pytest.mark.parametrize("impl", list(IMPL_NAMES))
-@pytest.mark.parametrize("shape", DECODE, ids=[f"{m}-T{t}" for m, t in DECODE])
-def test_moe_decode_forward(benchmark, full_size, shape, impl):
-    """Forward at decoding sizes; bytes = the active experts' weights, read once at the floor."""
-    impls = implementations(full_size)
-    _skip_unavailable(impl, impls)
-    inputs = moe_inputs(*shape, "uniform", full_size)
-    hidden, _, ids, w1, w2 = inputs
-    with torch.inference_mode():
-        ref = _reference(*inputs)
-        got = impls[impl](*inputs)
-        scale = ref.abs().max().item() or 1.0
-        torch.testing.assert_close(got.float() / scale, ref.float() / scale, atol=ATOL, rtol=0)
-        active = torch.unique(ids).numel()
-        weight_bytes = active * (w1[0].numel() + w2[0].numel()) * w1.element_size()
-        run_timed(benchmark, f"moe decode {shape[0]} T={hidden.shape[0]}", impl,
-                  "ours" if impl.startswith("gavamoe") else "peer", impls[impl], *inputs,
-                  flops=6.0 * hidden.shape[0] * K * w2.shape[1] * w2.shape[2], bytes_moved=weight_bytes)
-
-
-@pytest.mark.parametrize("shape", DECODE, ids=[f"{m}-T{t}" for m, t in DECODE])
-def test_weight_read_floor(benchmark, full_size, shape):
-    """Copy bandwidth on a buffer the size of the active experts' weights: the decoding floor."""
-    _, _, ids, w1, w2 = moe_inputs(*shape, "uniform", full_size)
-    active = torch.unique(ids).numel()
-    src = torch.cat([w1[:active].reshape(-1), w2[:active].reshape(-1)])
-    dst = torch.empty_like(src)
-    # a copy reads and writes: 2x the bytes; the floor of the MoE is one read of them
-    run_timed(benchmark, f"moe decode {shape[0]} T={ids.shape[0]}", "copy (read+write)", "limit", dst.copy_, src,
-              bytes_moved=2.0 * src.numel() * src.element_size())
+@pytest.mark.parametrize("shape", TRAIN, ids=[f"{m}-T{t}" for m, t in TRAIN])
+def test_dense_forward_at_equal_flops(benchmark, full_size, shape):
+    T, H, I = sizes(*shape, full_size)
+    g = generator(1)
+    x = torch.randn(T * K, H, device=DEVICE, dtype=DTYPE, generator=g)
+    w = torch.randn(3 * I, H, device=DEVICE, dtype=DTYPE, generator=g)
+    run_timed(benchmark, f"moe forward {shape[0]} T={T} uniform", "dense matmul", "limit", lambda: x @ w.T,
+              flops=6.0 * T * K * H * I)

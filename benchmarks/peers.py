@@ -1,12 +1,65 @@
-"""What users would run instead of gavamoe, written the way they would write it. Every peer
-takes the same inputs as ours (for the MoE: the same top-k ids and weights)."""
+"""What users would run instead of gavamoe, written the way they would write it at its best.
+Every peer takes the same inputs as ours (for the MoE: the same top-k ids and weights).
+
+- MoE experts: the eager per-expert loop (Hugging Face, the GaVaMoE reference code); PyTorch's
+  grouped GEMM with the same routing, and ``torch.compile`` of it (what a user tries first);
+  Liger-Kernel's fused MoE (Triton); MegaBlocks is reported skipped where it is not importable.
+- Router: one matmul against all C * E gate rows, then each token's own cluster picked, softmax,
+  top-k, renormalisation and the slot sort; and ``torch.compile`` of it.
+- Gaussian mixture: eager matmul-form log-sum-exp, ``torch.compile`` of it, scikit-learn.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import ON_GPU
+
+if not ON_GPU:  # Liger-Kernel reads this when it loads; the interpreter cannot time autotuning configurations
+    os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
+
+# ---- torch.compile, counted -----------------------------------------------------------------
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class Compiled:
+    """``torch.compile(fn, fullgraph=True)`` shared by the rows of one suite, with dynamic shapes
+    so that the batch size does not recompile it. Each row records how many graphs it made
+    Dynamo compile (``compiles``) and, if compiling failed (a graph break, the recompile limit),
+    that it ran eager instead (``fell_back_to_eager``): such a row is never called compiled."""
+
+    def __init__(self, fn, mode: str | None = None):
+        self.eager = fn
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=True, mode=mode)
+        self.fallback: str | None = None
+        self.compiles = 0
+
+    def __call__(self, *args):
+        if self.fallback is not None:
+            return self.eager(*args)
+        before = _graphs_compiled()
+        try:
+            return self.compiled(*args)
+        except Exception as failure:
+            self.fallback = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
+            return self.eager(*args)
+        finally:
+            self.compiles += _graphs_compiled() - before
+
+    def info(self, compiles_before: int) -> dict:
+        """Figures for the row that ran since ``compiles_before``."""
+        return {"compiles": self.compiles - compiles_before, "fell_back_to_eager": self.fallback}
+
 
 # ---- MoE experts ------------------------------------------------------------------------------
 
@@ -34,25 +87,45 @@ def grouped_mm_available() -> bool:
 
 
 def grouped_mm_moe(hidden, topk_weights, topk_ids, w_gate_up, w_down):
-    """PyTorch's grouped GEMM (its Hopper fast path) with the same routing: sort the
-    token-slots by expert, gather a permuted copy of the rows, two grouped GEMMs, SwiGLU between,
-    scale and scatter-add back."""
+    """PyTorch's grouped GEMM (its Hopper fast path) with the same routing: sort the token-slots
+    by expert, gather a permuted copy of the rows, two grouped GEMMs, SwiGLU between, scale and
+    scatter-add back. Counts by index_add (not bincount), so no host sync and torch.compile traces it."""
     grouped_mm = _grouped_mm()
     k = topk_ids.shape[1]
+    E = w_gate_up.shape[0]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    offs = torch.cumsum(torch.bincount(flat, minlength=w_gate_up.shape[0]), 0).to(torch.int32)
+    counts = torch.zeros(E, device=flat.device, dtype=torch.int32).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
     tokens = order // k
-    h = grouped_mm(hidden[tokens], w_gate_up.transpose(1, 2), offs=offs)  # [n, 2I]
-    gate, up = h.chunk(2, dim=-1)
+    pre = grouped_mm(hidden[tokens], w_gate_up.transpose(1, 2), offs=offs)  # [n, 2I]
+    gate, up = pre.chunk(2, dim=-1)
     out = grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [n, H]
     scale = topk_weights.reshape(-1)[order, None].to(hidden.dtype)
     return torch.zeros_like(hidden).index_add(0, tokens, out * scale)
 
 
-def megablocks_importable() -> bool:
-    import importlib.util
+def liger_available() -> str | None:
+    """None when Liger-Kernel's fused MoE can run here, else why not."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'gavamoe[bench]'; on the GPU machine carry its wheel)"
+    if importlib.util.find_spec("liger_kernel.ops.fused_moe") is None:
+        return "this liger-kernel has no fused MoE (liger_kernel.ops.fused_moe; it came with 0.8)"
+    if not ON_GPU and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "Liger-Kernel's fused MoE runs on a GPU, or on the CPU under TRITON_INTERPRET=1"
+    return None
 
+
+def liger_fused_moe(hidden, topk_weights, topk_ids, w_gate_up, w_down):
+    """Liger-Kernel's LigerFusedMoEFunction: same transformers-v5 layout ((E, 2I, H), (E, H, I)),
+    int32 ids, the weights as given."""
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    return LigerFusedMoEFunction.apply(hidden, w_gate_up, w_down, topk_ids.to(torch.int32), topk_weights)
+
+
+def megablocks_importable() -> bool:
     return importlib.util.find_spec("megablocks") is not None
 
 
@@ -60,14 +133,18 @@ def megablocks_importable() -> bool:
 
 
 def eager_route_with_metadata(hidden, gate_weight, cluster_ids, top_k: int):
-    """The router as eager torch code writes it: a per-token copy of its cluster's gate, fp32
-    logits, softmax, top-k, renormalise; then the stable sort of the token-slots by expert."""
-    logits = torch.einsum("th,teh->te", hidden.float(), gate_weight[cluster_ids].float())
+    """The router as strong eager torch writes it: one matmul of the tokens against all C * E gate
+    rows, each token's own cluster picked, fp32 softmax, top-k, renormalise; then the stable sort
+    of the token-slots by expert and the per-expert counts (index_add: no host sync)."""
+    C, E, H = gate_weight.shape
+    all_logits = (hidden @ gate_weight.reshape(C * E, H).T).view(-1, C, E)
+    logits = all_logits.gather(1, cluster_ids.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1).float()
     weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_weight.shape[1])
+    counts = torch.zeros(E, device=flat.device, dtype=torch.int32).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
     return weights, ids, logits, order, counts
 
 
