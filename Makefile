@@ -26,9 +26,11 @@ test: venv
 test-gpu: venv
 	env -u TRITON_INTERPRET $(BIN)/python -m pytest -q -p no:cacheprovider
 
-# ruff check only: kernel launch arguments are grouped by hand (STYLE.md), which a formatter would undo
+# ruff check (no formatter: kernel launch arguments are grouped by hand, STYLE.md), then mypy on the
+# public API of the kernel package ([tool.mypy] files in pyproject.toml)
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Every csrc/*.cu through nvcc for sm_90 (CUDA_ARCH overrides) and a syntax check of the bindings; no GPU needed.
 cuda-check: venv

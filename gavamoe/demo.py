@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, generate, train
+from .runs import Run
 
 VARIANTS = {"full": [], "no multi-gating": ["--no-multi-gating"], "dense": ["--dense"]}
 # 128 sequences a step: 1.38x the tokens/s of 32 on the 2-core CPU, and a quarter of the steps
@@ -61,10 +61,7 @@ def main(argv=None) -> int:
             first = run
             train.main(["--out", str(run), "--stage", "all", *extra])
         else:
-            shutil.rmtree(run, ignore_errors=True)
-            run.mkdir(parents=True)
-            shutil.copytree(first / "stage1", run / "stage1")
-            shutil.copy(first / "data.json", run / "data.json")
+            Run(first).fork(run)  # the same data record and stage 1
             train.main(["--out", str(run), "--stage", "2", *flags, *extra])
         trained = time.perf_counter()
         generate.main(["--run", str(run), "--out", str(run / "predictions.jsonl"), "--device", args.device,

@@ -16,25 +16,51 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserInputError, run_cli
 from .metrics import bertscore_pairs, text_metrics
 
 REQUIRED = ("features", "reference", "generated")
 PERCENT = ("bleu1", "bleu4", "rouge1", "rouge2", "rougeL", "distinct1", "distinct2")
 
 
+def _check_row(where: str, row) -> dict:
+    """One prediction: a JSON object with reference and generated strings and features a list of
+    strings (a string there would be split into characters and read FMR/FCR as 0)."""
+    if not isinstance(row, dict):
+        raise UserInputError(f"{where}: expected a JSON object, got a {type(row).__name__}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise UserInputError(f"{where}: lacks {', '.join(missing)}")
+    for key in ("reference", "generated"):
+        if not isinstance(row[key], str):
+            raise UserInputError(f"{where}: {key} must be a string, got a {type(row[key]).__name__}")
+    features = row["features"]
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise UserInputError(f"{where}: features must be a list of strings, got {json.dumps(features)[:80]}")
+    if "user_train_count" in row and (isinstance(row["user_train_count"], bool)
+                                      or not isinstance(row["user_train_count"], int)):
+        raise UserInputError(f"{where}: user_train_count must be an integer")
+    return row
+
+
 def read_predictions(path: Path) -> list[dict]:
+    """The rows of a predictions JSONL file; a malformed line is a UserInputError naming file and line."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(path) as f:
+            lines = list(enumerate(f, 1))
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read ({error.strerror})") from None
+    for n, line in lines:
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{n} lacks {', '.join(missing)}")
-            rows.append(row)
+        except json.JSONDecodeError as error:
+            raise UserInputError(f"{path}:{n}: not valid JSON ({error.msg} at column {error.colno})") from None
+        rows.append(_check_row(f"{path}:{n}", row))
     if not rows:
-        raise ValueError(f"{path} holds no predictions")
+        raise UserInputError(f"{path} holds no predictions")
     return rows
 
 
@@ -103,4 +129,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("gavamoe.evaluate", main))

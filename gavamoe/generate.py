@@ -18,20 +18,20 @@ from tqdm.auto import tqdm
 
 from .data import ReviewData
 from .data import text as text_data
+from .errors import UserInputError, check_device, run_cli
 from .models.explainer import Explainer, load_tokenizer
-from .train import load_data
+from .runs import Run
 
 
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[Explainer, object, ReviewData, dict]:
-    """(model, tokenizer, data, stage-2 training config) of a finished run."""
-    run_dir = Path(run_dir)
-    model_path = run_dir / "stage2" / "model.pt"
-    if not model_path.exists():
-        raise ValueError(f"{model_path} not found: train stage 2 first (python -m gavamoe.train --out {run_dir})")
-    tokenizer = load_tokenizer(str(run_dir / "stage2" / "tokenizer"))
-    model = Explainer.from_checkpoint(torch.load(model_path, weights_only=True, map_location="cpu"), tokenizer)
-    data = load_data(json.loads((run_dir / "data.json").read_text()))
-    config = json.loads((run_dir / "stage2" / "metrics.json").read_text())["config"]
+    """(model, tokenizer, data, stage-2 config) of a finished run whose stage 2 is current (trained on
+    the stage 1 and the data files the run holds now)."""
+    run = Run(run_dir)
+    config = run.stage2_config()
+    data = run.load_data()
+    tokenizer = load_tokenizer(str(run.stage2_dir / "tokenizer"))
+    model = Explainer.from_checkpoint(torch.load(run.stage2_dir / "model.pt", weights_only=True,
+                                                 map_location="cpu"), tokenizer)
     return model.to(device).eval(), tokenizer, data, config
 
 
@@ -45,9 +45,9 @@ def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size:
     for s in tqdm(range(0, len(split), batch_size), desc="generate", disable=None, mininterval=0.5):
         batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        cluster = model.vae.assign_clusters(batch["users"], batch["items"])
+        cluster = model.cluster_ids(batch["users"], batch["items"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model.generate(**batch, cluster_ids=model.gates(cluster), max_new_tokens=max_new_tokens,
+            out = model.generate(**batch, gate_ids=model.gate_ids(cluster), max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
         clusters += cluster.tolist()
@@ -68,22 +68,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 0):
-        p.error("--batch-size must be positive and --limit non-negative")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 0:
+        raise UserInputError(f"--limit must be non-negative, got {args.limit}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        p.error("--temperature must be positive and --top-p in (0, 1]")
+        raise UserInputError("--temperature must be positive and --top-p in (0, 1]")
+    check_device(args.device)
     return args
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before generating, not after: the output's folder is made and the file opened."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise UserInputError(f"--out {path}: cannot write there ({error.strerror})") from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer, data, config = load_run(args.run, args.device)
+    _check_writable(args.out)
     records = data.split(args.split)[:args.limit]
-    max_new = args.max_new_tokens or config["max_explanation_tokens"] + 1
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else config["max_explanation_tokens"] + 1
     texts, clusters = generate_split(model, tokenizer, records, args.batch_size, max_new, args.sample,
                                      args.temperature, args.top_p, config["max_explanation_tokens"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for record, generated, cluster in zip(records, texts, clusters, strict=True):
             f.write(json.dumps({"user": record["user"], "item": record["item"], "cluster": cluster,
@@ -95,4 +110,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("gavamoe.generate", main))

@@ -20,6 +20,7 @@ import gavamoe_kernels as gk
 
 from . import plots
 from .data import ReviewData
+from .errors import UserInputError, check_device
 from .metrics import adjusted_rand_index, mae, rmse
 from .models import VaeGmm, VaeGmmConfig
 
@@ -40,6 +41,17 @@ class Stage1Config:
     beta: float = 0.01
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self):
+        for name in ("num_clusters", "embed_dim", "latent_dim", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("pretrain_epochs", "epochs", "beta", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserInputError(f"--lr must be positive, got {self.lr}")
+        check_device(self.device)
 
 
 def _loader(tensors: dict[str, torch.Tensor], batch_size: int, seed: int) -> DataLoader:

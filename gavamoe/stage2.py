@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,19 +33,15 @@ from tqdm.auto import tqdm
 from . import plots
 from .data import ReviewData
 from .data import text as text_data
+from .errors import UserInputError, check_device
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
+from .runs import Run
 
 
 @dataclass
 class Stage2Config:
-    base_model: str | None = None
-    num_experts: int = 12
-    top_k: int = 2
-    expert_intermediate: int | None = None
-    multi_gating: bool = True
-    dense: bool = False
-    lora_rank: int = 0
+    explainer: ExplainerConfig = field(default_factory=ExplainerConfig)  # num_clusters comes from stage 1
     epochs: int = 1
     batch_size: int = 32  # per process and micro-step
     grad_accum: int = 1
@@ -68,20 +64,27 @@ class Stage2Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
-        for name in ("num_experts", "top_k", "epochs", "batch_size", "grad_accum", "max_explanation_tokens",
-                     "vocab_size", "checkpoint_every"):
+        if isinstance(self.explainer, dict):  # read back from a run's config.json
+            self.explainer = ExplainerConfig(**self.explainer)
+        for name in ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be at most num_experts={self.num_experts}, got {self.top_k}")
+                raise UserInputError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if min(self.beta, self.aux_coef, self.clip, self.weight_decay, self.lora_rank, self.stop_after) < 0 \
-                or (self.lr is not None and self.lr <= 0) or not 0 <= self.warmup_ratio < 1:
-            raise ValueError("lr must be positive, warmup_ratio in [0, 1), and beta, aux_coef, clip, weight_decay, "
-                             "lora_rank, stop_after non-negative")
-        if self.dense and not self.multi_gating:
-            raise ValueError("--dense has no gates: it cannot be combined with --no-multi-gating")
+            raise UserInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        for name in ("beta", "aux_coef", "clip", "weight_decay", "stop_after"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"--{_flag(name)} must be non-negative, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise UserInputError(f"--stage2-lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserInputError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        check_device(self.device)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-") if name not in ("epochs", "batch_size", "lr", "weight_decay") else \
+        "stage2-" + name.replace("_", "-")
 
 
 @dataclass
@@ -121,22 +124,20 @@ def _tokenizer(config: Stage2Config, data: ReviewData, stage_dir: Path, ctx: _Di
     """The saved tokenizer when there is one (resume, other ranks), else train or load it (rank 0)."""
     saved = stage_dir / "tokenizer"
     if ctx.main and not (config.resume and saved.exists()):
-        if config.base_model is None:
+        if config.explainer.base_model is None:
             train = data.split("train")[:50000]
             texts = [text_data.prompt_text(r, None) + " " + text_data.explanation(r) for r in train]
             tokenizer = text_data.train_tokenizer(texts, config.vocab_size)
         else:
-            tokenizer = load_tokenizer(config.base_model)
+            tokenizer = load_tokenizer(config.explainer.base_model)
         tokenizer.save_pretrained(saved)
     ctx.barrier()
     return load_tokenizer(str(saved))
 
 
 def build_explainer(config: Stage2Config, vae: VaeGmm, tokenizer) -> Explainer:
-    explainer_config = ExplainerConfig(
-        base_model=config.base_model, num_clusters=vae.config.num_clusters, num_experts=config.num_experts,
-        top_k=config.top_k, expert_intermediate=config.expert_intermediate, multi_gating=config.multi_gating,
-        dense=config.dense, lora_rank=config.lora_rank)
+    """The explainer on stage 1's VAE: one gate per stage-1 cluster."""
+    explainer_config = replace(config.explainer, num_clusters=vae.config.num_clusters)
     return Explainer(explainer_config, vae, load_language_model(explainer_config, tokenizer), tokenizer)
 
 
@@ -200,40 +201,61 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> No
     tmp.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint
 
 
-def train_stage2(data: ReviewData, out_dir: Path, config: Stage2Config) -> tuple[Explainer, dict] | None:
-    """Train stage 2 from out_dir/stage1/model.pt. Returns (model, metrics) on rank 0, or None
-    when the run stopped early (``stop_after``) or on the other ranks."""
-    out_dir = Path(out_dir)
-    stage1 = out_dir / "stage1" / "model.pt"
-    if not stage1.exists():
-        raise ValueError(f"{stage1} not found: run stage 1 first (--stage 1 or --stage all)")
-    if config.resume and not (out_dir / "stage2" / "checkpoint.pt").exists():
-        raise ValueError(f"--resume: {out_dir / 'stage2' / 'checkpoint.pt'} not found")
+@dataclass
+class _Training:
+    """Everything one stage-2 training run holds between setup, loop and finish."""
+
+    config: Stage2Config
+    ctx: _Dist
+    device: torch.device
+    run: Run
+    stage1_sha256: str
+    tokenizer: object
+    model: Explainer
+    ddp: torch.nn.Module
+    train: text_data.EncodedSplit
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    state: dict
+    seconds: float = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run.stage2_dir / "checkpoint.pt"
+
+
+def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
+    """Model from stage 1, tokenizer, encoded training split, optimiser and schedule; the state
+    of a checkpoint with ``resume`` (loaded with weights_only: a checkpoint cannot run code)."""
+    run = Run(out_dir)
+    stage1_sha256 = run.stage1_sha256()
+    checkpoint_path = run.stage2_dir / "checkpoint.pt"
+    if config.resume and not checkpoint_path.exists():
+        raise UserInputError(f"--resume: {checkpoint_path} not found")
     ctx = distributed_context(config.device)
     device = _device(config, ctx)
-    stage_dir = out_dir / "stage2"
     if ctx.main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
+        run.stage2_dir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
     torch.manual_seed(config.seed)
-    tokenizer = _tokenizer(config, data, stage_dir, ctx)
-    vae = VaeGmm.from_checkpoint(torch.load(stage1, weights_only=True, map_location="cpu"))
+    tokenizer = _tokenizer(config, data, run.stage2_dir, ctx)
+    vae = VaeGmm.from_checkpoint(torch.load(run.stage1_model, weights_only=True, map_location="cpu"))
     model = build_explainer(config, vae, tokenizer).to(device)
     train = text_data.encode(data.split("train"), tokenizer, config.max_explanation_tokens)
-    if len(train) == 0:
-        raise ValueError("the training split is empty")
-
     micro_per_epoch = len(_epoch_batches(len(train), 0, config, ctx))
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = config.lr if config.lr is not None else 3e-3 if config.base_model is None else 1e-4
+    lr = config.lr if config.lr is not None else 3e-3 if config.explainer.base_model is None else 1e-4
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, config.warmup_ratio))
     state = {"epoch": 0, "micro_step": 0, "step": 0, "history": []}
-    checkpoint_path = stage_dir / "checkpoint.pt"
     if config.resume:
-        saved = torch.load(checkpoint_path, weights_only=False, map_location="cpu")
+        saved = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+        if saved.get("stage1_sha256") != stage1_sha256:
+            raise UserInputError(f"--resume: {checkpoint_path} was trained on another stage 1 (re-run since); "
+                                 f"train stage 2 from the start")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -245,71 +267,94 @@ def train_stage2(data: ReviewData, out_dir: Path, config: Stage2Config) -> tuple
     if ctx.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Training(config, ctx, device, run, stage1_sha256, tokenizer, model, ddp, train, params, optimizer,
+                     scheduler, total_steps, state)
+
+
+def _loop(t: _Training) -> bool:
+    """Train to the end (True), or stop after ``stop_after`` optimizer steps (False, checkpoint written)."""
+    config, ctx, state = t.config, t.ctx, t.state
     losses = dict(alpha=config.alpha, beta=config.beta, aux_coef=config.aux_coef)
-    bar = tqdm(total=total_steps, initial=state["step"], desc="stage 2", disable=None if ctx.main else True,
+    bar = tqdm(total=t.total_steps, initial=state["step"], desc="stage 2", disable=None if ctx.main else True,
                mininterval=0.5)
     steps_this_call, started = 0, time.perf_counter()
-    model.train()
+    t.model.train()
     for epoch in range(state["epoch"], config.epochs):
-        batches = _epoch_batches(len(train), epoch, config, ctx)
+        batches = _epoch_batches(len(t.train), epoch, config, ctx)
         while state["micro_step"] < len(batches):
             group = batches[state["micro_step"]:state["micro_step"] + config.grad_accum]
             t0, tokens, sums = time.perf_counter(), 0, {"loss": 0.0, "nll": 0.0, "elbo": 0.0, "aux": 0.0}
             for i, rows in enumerate(group):
-                batch = text_data.training_batch(train, rows, tokenizer.pad_token_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = text_data.training_batch(t.train, rows, t.tokenizer.pad_token_id)
+                batch = {k: v.to(t.device) for k, v in batch.items()}
                 sync = i == len(group) - 1 or ctx.world == 1
-                with (contextlib.nullcontext() if sync else ddp.no_sync()), \
-                        torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    out = ddp(**batch, **losses)
+                with (contextlib.nullcontext() if sync else t.ddp.no_sync()), \
+                        torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.device.type == "cuda"):
+                    out = t.ddp(**batch, **losses)
                 (out["loss"] / len(group)).backward()
                 tokens += int(batch["attention_mask"].sum()) * ctx.world
                 for k in sums:
                     sums[k] += float(out[k].detach()) / len(group)
-            torch.nn.utils.clip_grad_norm_(params, config.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(t.params, config.clip)
+            t.optimizer.step()
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
             state["micro_step"] += len(group)
             state["step"] += 1
             steps_this_call += 1
             rate = tokens / (time.perf_counter() - t0)
-            state["history"].append({**sums, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate})
+            state["history"].append({**sums, "lr": t.scheduler.get_last_lr()[0], "tokens_per_s": rate})
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", nll=f"{sums['nll']:.3f}", tok_s=f"{rate:.0f}")
             done = state["micro_step"] >= len(batches)
             if done:
                 state["epoch"], state["micro_step"] = epoch + 1, 0
-            stop = config.stop_after and steps_this_call >= config.stop_after and state["step"] < total_steps
+            stop = config.stop_after and steps_this_call >= config.stop_after and state["step"] < t.total_steps
             if ctx.main and (state["step"] % config.checkpoint_every == 0 or done or stop):
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, state)
+                _save_checkpoint(t.checkpoint_path, t.model, t.optimizer, t.scheduler,
+                                 {**state, "stage1_sha256": t.stage1_sha256})
             if stop:
                 bar.close()
                 ctx.barrier()
-                return None
+                return False
             if done:
                 break
     bar.close()
-    elapsed = time.perf_counter() - started
-    digests = [weight_digest(model)]
+    t.seconds = time.perf_counter() - started
+    return True
+
+
+def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
+    """Check that every rank ended with the same weights; on rank 0 write model.pt, metrics.json,
+    the loss curve and the run's record of this stage 2."""
+    config, ctx = t.config, t.ctx
+    digests = [weight_digest(t.model)]
     if ctx.world > 1:
         digests = [None] * ctx.world
-        dist.all_gather_object(digests, weight_digest(model))
+        dist.all_gather_object(digests, weight_digest(t.model))
     if not ctx.main:
         return None
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
-    validation = text_data.encode(data.split("validation"), tokenizer, config.max_explanation_tokens)
-    history = state["history"]
-    metrics = {"validation": explanation_nll(model, validation, config.batch_size, device),
-               "steps": state["step"], "world_size": ctx.world, "weight_sha256": digests,
+    validation = text_data.encode(data.split("validation"), t.tokenizer, config.max_explanation_tokens)
+    history = t.state["history"]
+    metrics = {"validation": explanation_nll(t.model, validation, config.batch_size, t.device),
+               "steps": t.state["step"], "world_size": ctx.world, "weight_sha256": digests,
                "train_tokens_per_s": sum(h["tokens_per_s"] for h in history[-50:]) / max(1, len(history[-50:])),
-               "seconds_this_call": elapsed, "final_loss": history[-1] if history else None,
-               "config": asdict(config)}
-    torch.save(model.checkpoint(), stage_dir / "model.pt")
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+               "seconds_this_call": t.seconds, "final_loss": history[-1] if history else None}
+    torch.save(t.model.checkpoint(), t.run.stage2_dir / "model.pt")
+    (t.run.stage2_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    t.run.record_stage2(config, t.stage1_sha256)
     plots.loss_curves({"total": [h["loss"] for h in history], "explanation NLL": [h["nll"] for h in history],
                        f"ELBO (alpha={config.alpha})": [h["elbo"] for h in history]},
-                      stage_dir / "loss_curve.png", "stage 2: MoE explainer")
-    return model, metrics
+                      t.run.stage2_dir / "loss_curve.png", "stage 2: MoE explainer")
+    return t.model, metrics
 
+
+def train_stage2(data: ReviewData, out_dir: Path, config: Stage2Config) -> tuple[Explainer, dict] | None:
+    """Train stage 2 of the run in ``out_dir`` from its stage1/model.pt. Returns (model, metrics)
+    on rank 0, or None when the run stopped early (``stop_after``) or on the other ranks."""
+    training = _setup(data, out_dir, config)
+    if not _loop(training):
+        return None
+    return _finish(training, data)

@@ -1,8 +1,10 @@
 """python -m gavamoe.train --out RUN_DIR [--data synthetic | --data REVIEWS.pickle --index-dir DIR] [--stage ...] ...
 
 Stage 1 trains the VAE-GMM (RUN_DIR/stage1/), stage 2 the multi-gating MoE explainer on top of
-it (RUN_DIR/stage2/). The same command under ``torchrun --nproc_per_node N`` trains stage 2
-with DistributedDataParallel (stage 1 runs on rank 0 while the others wait).
+it (RUN_DIR/stage2/); RUN_DIR/config.json records the data and both configs (gavamoe.runs). Every
+flag and the data are checked before any training starts; a bad one is a one-line error and exit
+status 2. The same command under ``torchrun --nproc_per_node N`` trains stage 2 with
+DistributedDataParallel (stage 1 runs on rank 0 while the others wait).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .data import ReviewData, load_peter, make_synthetic
+from .errors import run_cli
+from .models.explainer import ExplainerConfig
+from .runs import DataSpec, Run
 from .stage1 import Stage1Config, train_stage1
 from .stage2 import Stage2Config, distributed_context, train_stage2
 
@@ -21,11 +25,11 @@ from .stage2 import Stage2Config, distributed_context, train_stage2
 # overfit: test RMSE 0.578, ARI 0.276 in 386 s, against 0.519, ARI 0.585 in 43 s at 128.
 SYNTHETIC_EMBED_DIM = 128
 SHARED = ("seed", "device", "beta")  # one flag for both stages
+# the explainer's fields with a flag (the others, num_clusters and the tiny LLaMA's shape, are not flags)
+EXPLAINER_FLAGS = ("base_model", "num_experts", "top_k", "expert_intermediate", "multi_gating", "dense", "lora_rank")
 # stage 2 fields with a flag of their own; the others share the stage-1 name with a "stage2-" prefix
-STAGE2_OWN = {"base_model", "num_experts", "top_k", "expert_intermediate", "multi_gating", "dense", "lora_rank",
-              "grad_accum", "warmup_ratio", "clip", "alpha", "aux_coef", "max_explanation_tokens", "vocab_size",
+STAGE2_OWN = {"grad_accum", "warmup_ratio", "clip", "alpha", "aux_coef", "max_explanation_tokens", "vocab_size",
               "checkpoint_every", "stop_after", "resume"}
-DATA_ARGS = ("data", "index_dir", "synthetic_users", "synthetic_items", "synthetic_records", "synthetic_groups", "seed")
 
 
 def _stage2_flag(name: str) -> str:
@@ -58,64 +62,70 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gavamoe.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or the path of a PETER reviews.pickle")
-    p.add_argument("--index-dir", type=Path, default=None, help="folder with train/validation/test.index")
+    p.add_argument("--index-dir", default=None, help="folder with train/validation/test.index")
     p.add_argument("--stage", default="all", choices=["1", "2", "all"])
-    p.add_argument("--synthetic-users", type=int, default=2000)
-    p.add_argument("--synthetic-items", type=int, default=1500)
-    p.add_argument("--synthetic-records", type=int, default=40000)
-    p.add_argument("--synthetic-groups", type=int, default=4)
+    for f in fields(DataSpec):
+        if f.name.startswith("synthetic_"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     s1 = p.add_argument_group("stage 1 (VAE-GMM)")
-    d1 = Stage1Config()
+    d1 = Stage1Config(device="cpu")
     for f in fields(Stage1Config):
-        if f.name != "embed_dim":
+        if f.name == "device":
+            _add_field(s1, f.name, f, Stage1Config.device, HELP.get(f.name))
+        elif f.name != "embed_dim":
             _add_field(s1, f.name, f, getattr(d1, f.name), HELP.get(f.name))
     s1.add_argument("--embed-dim", type=int, default=None,
                     help=f"user/item embedding size (default: {d1.embed_dim} as in the paper; "
                          f"{SYNTHETIC_EMBED_DIM} on the synthetic data, where it fits the data size)")
     s2 = p.add_argument_group("stage 2 (MoE explainer)")
-    d2 = Stage2Config()
+    d2 = Stage2Config(device="cpu")
+    for f in fields(ExplainerConfig):
+        if f.name in EXPLAINER_FLAGS:
+            _add_field(s2, f.name, f, getattr(d2.explainer, f.name), HELP.get(f.name))
     for f in fields(Stage2Config):
-        if f.name not in SHARED:
+        if f.name not in SHARED and f.name != "explainer":
             _add_field(s2, _stage2_flag(f.name), f, getattr(d2, f.name), HELP.get(f.name))
     return p.parse_args(argv)
 
 
-def load_data(args: dict) -> ReviewData:
-    """The data a run was trained on, from the arguments saved in RUN_DIR/data.json."""
-    if args["data"] == "synthetic":
-        return make_synthetic(args["synthetic_users"], args["synthetic_items"], args["synthetic_records"],
-                              args["synthetic_groups"], seed=args["seed"])
-    return load_peter(args["data"], args["index_dir"], seed=args["seed"])
+def stage1_config(args: argparse.Namespace) -> Stage1Config:
+    return Stage1Config(**{f.name: getattr(args, f.name) for f in fields(Stage1Config)})
 
 
-def _config(cls, args: argparse.Namespace, name=lambda n: n):
-    return cls(**{f.name: getattr(args, name(f.name)) for f in fields(cls)})
+def stage2_config(args: argparse.Namespace) -> Stage2Config:
+    explainer = ExplainerConfig(**{name: getattr(args, name) for name in EXPLAINER_FLAGS})
+    return Stage2Config(explainer=explainer, **{f.name: getattr(args, _stage2_flag(f.name))
+                                                for f in fields(Stage2Config) if f.name != "explainer"})
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.embed_dim is None:
         args.embed_dim = SYNTHETIC_EMBED_DIM if args.data == "synthetic" else Stage1Config.embed_dim
-    stage2 = _config(Stage2Config, args, _stage2_flag) if args.stage != "1" else None  # checks its values first
-    data_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in DATA_ARGS}
-    data = load_data(data_args)
+    # every check before any work: flags, devices, paths, the run directory, then the data's records
+    stage1 = stage1_config(args) if args.stage in ("1", "all") else None
+    stage2 = stage2_config(args) if args.stage in ("2", "all") else None
+    spec = DataSpec.from_args(args)
+    run = Run(args.out)
     ctx = distributed_context(args.device) if stage2 is not None else None
-    if ctx is None or ctx.main:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "data.json").write_text(json.dumps(data_args, indent=2))
-    if args.stage in ("1", "all"):
-        if ctx is None or ctx.main:
-            _, metrics = train_stage1(data, args.out, _config(Stage1Config, args))
+    main_rank = ctx is None or ctx.main
+    if main_rank:
+        run.start(spec, spec.fingerprint())
+    data = spec.load()
+    if stage1 is not None:
+        if main_rank:
+            _, metrics = train_stage1(data, args.out, stage1)
+            run.record_stage1(stage1)
             print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
         if ctx is not None:
             ctx.barrier()
-    if args.stage in ("2", "all"):
+    if stage2 is not None:
         result = train_stage2(data, args.out, stage2)
         if result is not None:
-            summary = {k: v for k, v in result[1].items() if k not in ("config", "weight_sha256")}
+            summary = {k: v for k, v in result[1].items() if k != "weight_sha256"}
             print(json.dumps(summary, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("gavamoe.train", main))

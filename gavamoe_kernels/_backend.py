@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -61,7 +61,7 @@ def _check_name(name: str, source: str) -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name`` ("torch", "triton", "cuda", "auto")."""
     _check_name(name, "use_backend(name)")
     _stack().append(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserInputError
 from .peter import ReviewData, build, random_splits
 
 FEATURES = ["room", "staff", "location", "breakfast", "price", "pool", "view", "bed", "wifi", "bathroom",
@@ -45,9 +46,9 @@ def make_synthetic(num_users: int = 2000, num_items: int = 1500, num_records: in
     rating = clip(round(centre[g] + spread[g] * tanh(taste[g] . item_features + item_bias) + noise), 1, 5)
     for the user's group g: groups differ in rating style and in which features they like."""
     if num_groups > len(STYLES):
-        raise ValueError(f"num_groups must be at most {len(STYLES)}, got {num_groups}")
+        raise UserInputError(f"--synthetic-groups must be at most {len(STYLES)}, got {num_groups}")
     if min(num_users, num_items, num_records, num_groups) < 1:
-        raise ValueError("num_users, num_items, num_records and num_groups must be positive")
+        raise UserInputError("--synthetic-users, -items, -records and -groups must be positive")
     rng = np.random.default_rng(seed)
     n_feat = len(FEATURES)
     user_group = rng.integers(0, num_groups, num_users)
@@ -74,4 +75,4 @@ def make_synthetic(num_users: int = 2000, num_items: int = 1500, num_records: in
         sentence = STYLES[g][0 if positive else 1].format(feature=feature, adjective=adjective)
         records.append({"user": f"u{users[n]}", "item": f"i{items[n]}", "rating": float(ratings[n]),
                         "template": (feature, adjective, sentence, 1 if positive else -1), "group": g})
-    return build(records, random_splits(num_records, seed))
+    return build(records, random_splits(num_records, seed), "the synthetic data")

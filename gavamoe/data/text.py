@@ -5,6 +5,11 @@ negative} experience with the item, the item has {features} features, please pro
 explanation for recommending <item> to <user>." The two placeholder tokens ``<user>`` and
 ``<item>`` are where the explainer splices in the projected stage-1 embeddings. As in PEPLER's
 feature-prompt setting, the feature and the sentiment come from the record's template.
+
+Special tokens come only from the prompt template. A record's own text (its feature and its
+explanation) is encoded as plain text: a review that contains ``</s>`` or ``<user>`` gets the
+tokens of those characters, never the control tokens, so it cannot end an explanation early or
+choose where the embeddings are spliced.
 """
 
 from __future__ import annotations
@@ -35,14 +40,42 @@ def positive(record: dict) -> bool:
     return float(sentiment) > 0 if sentiment is not None else float(record["rating"]) >= 3
 
 
-def prompt_text(record: dict, tokenizer) -> str:
-    """The prompt of one record, through the tokenizer's chat template when it has one."""
-    instruction = INSTRUCTION.format(sentiment="positive" if positive(record) else "negative",
-                                     features=feature(record), item=ITEM_TOKEN, user=USER_TOKEN)
+FEATURE_SLOT = "\x00feature\x00"  # where the record's feature goes in a rendered prompt
+
+
+def _render(features: str, is_positive: bool, tokenizer) -> str:
+    instruction = INSTRUCTION.format(sentiment="positive" if is_positive else "negative", features=features,
+                                     item=ITEM_TOKEN, user=USER_TOKEN)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{SYSTEM_PROMPT} {instruction}"
+
+
+def prompt_text(record: dict, tokenizer) -> str:
+    """The prompt of one record, through the tokenizer's chat template when it has one (as text:
+    what the tokenizer is trained on and what a reader sees; encode() tokenises it safely)."""
+    return _render(feature(record), positive(record), tokenizer)
+
+
+def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of user text with every special-token string taken as plain characters."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+
+
+def prompt_ids(records: list[dict], tokenizer) -> list[list[int]]:
+    """Prompt token ids: the template's pieces with their special tokens, the feature as plain text."""
+    pieces = {}
+    for is_positive in (True, False):
+        before, after = _render(FEATURE_SLOT, is_positive, tokenizer).split(FEATURE_SLOT)
+        ids = tokenizer([before, after], add_special_tokens=False)["input_ids"]
+        pieces[is_positive] = ids
+    features = _plain_ids(tokenizer, [feature(r) for r in records])
+    out = []
+    for record, feature_ids in zip(records, features, strict=True):
+        before, after = pieces[positive(record)]
+        out.append([*before, *feature_ids, *after])
+    return out
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4000):
@@ -91,16 +124,14 @@ class EncodedSplit:
 
 def encode(records: list[dict], tokenizer, max_explanation_tokens: int = 32) -> EncodedSplit:
     """Tokenise prompts (BOS first when the tokenizer has one and no chat template added it) and
-    explanations (cut to ``max_explanation_tokens``, then EOS)."""
-    prompts = [prompt_text(r, tokenizer) for r in records]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if records else []
+    explanations (plain text, cut to ``max_explanation_tokens``, then EOS)."""
+    prompts = prompt_ids(records, tokenizer)
     bos = tokenizer.bos_token_id
     if bos is not None:
-        prompt_ids = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompt_ids]
-    texts = [" " + explanation(r).strip() for r in records]
-    target_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if records else []
+        prompts = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompts]
+    target_ids = _plain_ids(tokenizer, [" " + explanation(r).strip() for r in records])
     targets = [[*ids[:max_explanation_tokens], tokenizer.eos_token_id] for ids in target_ids]
-    return EncodedSplit(prompt_ids, targets,
+    return EncodedSplit(prompts, targets,
                         torch.tensor([r["user_idx"] for r in records], dtype=torch.long),
                         torch.tensor([r["item_idx"] for r in records], dtype=torch.long),
                         torch.tensor([float(r["rating"]) for r in records], dtype=torch.float32))

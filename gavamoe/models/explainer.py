@@ -22,6 +22,7 @@ from torch import nn
 import gavamoe_kernels as gk
 
 from ..data.text import ITEM_TOKEN, USER_TOKEN, prepare_tokenizer
+from ..errors import UserInputError, check_model_path
 from .vae_gmm import VaeGmm
 
 # Attention projections that LoRA adapts, per architecture family.
@@ -45,6 +46,21 @@ class ExplainerConfig:
     num_heads: int = 4
     dense_intermediate: int = 344
     max_positions: int = 512
+
+    def __post_init__(self):
+        for name in ("num_clusters", "num_experts", "top_k", "hidden_size", "num_layers", "num_heads",
+                     "dense_intermediate", "max_positions"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise UserInputError(f"--top-k must be at most --num-experts={self.num_experts}, got {self.top_k}")
+        if self.expert_intermediate is not None and self.expert_intermediate < 1:
+            raise UserInputError(f"--expert-intermediate must be at least 1, got {self.expert_intermediate}")
+        if self.lora_rank < 0:
+            raise UserInputError(f"--lora-rank must be non-negative, got {self.lora_rank}")
+        if self.dense and not self.multi_gating:
+            raise UserInputError("--dense has no gates: it cannot be combined with --no-multi-gating")
+        check_model_path(self.base_model)
 
     @property
     def num_gates(self) -> int:
@@ -127,16 +143,15 @@ class Explainer(nn.Module):
             if "lora_" in name or ".moe." in name:
                 p.requires_grad_(True)
 
-    def gates(self, clusters: torch.Tensor) -> torch.Tensor:
-        """Gate of each stage-1 cluster id: the cluster itself, or 0 for all without multi-gating."""
-        return clusters if self.config.multi_gating else torch.zeros_like(clusters)
-
     @torch.no_grad()
     def cluster_ids(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Gate of each (user, item) pair (see :meth:`gates`)."""
-        if not self.config.multi_gating:
-            return torch.zeros_like(users)
+        """The stage-1 cluster of each (user, item) pair: argmax of the VAE's responsibilities."""
         return self.vae.assign_clusters(users, items)
+
+    def gate_ids(self, cluster_ids: torch.Tensor) -> torch.Tensor:
+        """The gate that routes each pair in every MoE layer: its cluster, or gate 0 for every
+        pair without multi-gating."""
+        return cluster_ids if self.config.multi_gating else torch.zeros_like(cluster_ids)
 
     def input_embeddings(self, input_ids: torch.Tensor, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, S, H) with every <user> / <item> position replaced by the row's
@@ -147,34 +162,37 @@ class Explainer(nn.Module):
         embeds = torch.where((input_ids == self.user_token_id)[..., None], user[:, None], embeds)
         return torch.where((input_ids == self.item_token_id)[..., None], item[:, None], embeds)
 
-    def _gates(self, cluster_ids: torch.Tensor) -> dict:
-        return {} if self.config.dense else {"cluster_ids": cluster_ids}
+    def _routing(self, gate_ids: torch.Tensor) -> dict:
+        """The keyword the patched LLM routes by (none for the dense ablation)."""
+        return {} if self.config.dense else {"cluster_ids": gate_ids}
 
     def forward(self, input_ids, attention_mask, labels, users, items, ratings,
                 alpha: float, beta: float, aux_coef: float) -> dict[str, torch.Tensor]:
         """Stage-2 loss of one batch: input_ids/attention_mask/labels (B, S) from
         gavamoe.data.text.training_batch; users, items (B,) int64; ratings (B,) fp32."""
         elbo = self.vae.elbo_loss(users, items, ratings, beta)
+        gates = self.gate_ids(self.cluster_ids(users, items))
         out = self.lm(inputs_embeds=self.input_embeddings(input_ids, users, items), attention_mask=attention_mask,
-                      labels=labels, **self._gates(self.cluster_ids(users, items)))
+                      labels=labels, **self._routing(gates))
         aux = gk.collect_aux_loss(self.lm) if not self.config.dense else None
         aux = aux if aux is not None else out.loss.new_zeros(())
         loss = alpha * elbo["loss"] + (1 - alpha) * out.loss + aux_coef * aux
         return {"loss": loss, "elbo": elbo["loss"].detach(), "nll": out.loss.detach(), "aux": aux.detach()}
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, users, items, cluster_ids=None, max_new_tokens: int = 32,
+    def generate(self, input_ids, attention_mask, users, items, gate_ids=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
         """Explanations for left-padded prompts (gavamoe.data.text.prompt_batch): the new tokens
-        (B, <= max_new_tokens), padded with pad_token_id after EOS. Uses the KV cache."""
-        if cluster_ids is None:
-            cluster_ids = self.cluster_ids(users, items)
+        (B, <= max_new_tokens), padded with pad_token_id after EOS. Uses the KV cache.
+        ``gate_ids`` (B,): default, the gates of the pairs' stage-1 clusters."""
+        if gate_ids is None:
+            gate_ids = self.gate_ids(self.cluster_ids(users, items))
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample \
             else {"do_sample": False}
         return self.lm.generate(inputs_embeds=self.input_embeddings(input_ids, users, items),
                                 attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-                                **sampling, **self._gates(cluster_ids))
+                                **sampling, **self._routing(gate_ids))
 
     def checkpoint(self) -> dict:
         return {"config": asdict(self.config), "vae_config": asdict(self.vae.config),

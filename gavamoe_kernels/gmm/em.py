@@ -31,13 +31,13 @@ def _kmeans_pp(z: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     puts two centres in one well-separated cluster, a local optimum EM does not leave."""
     n = z.shape[0]
     trials = 2 + int(math.log(k))
-    first = torch.randint(n, (1,), generator=generator).item()
+    first = int(torch.randint(n, (1,), generator=generator).item())
     centres = [z[first]]
     nearest = (z - z[first]).square().sum(-1)
     for _ in range(1, k):
         weights = nearest.double().cpu()
         if weights.sum() <= 0:  # fewer distinct points than components
-            pick = torch.randint(n, (1,), generator=generator).item()
+            pick = int(torch.randint(n, (1,), generator=generator).item())
             candidate_nearest = nearest
         else:
             best_potential = math.inf
@@ -62,7 +62,7 @@ def _kmeans(z: torch.Tensor, centres: torch.Tensor, iters: int) -> torch.Tensor:
     return torch.cdist(z, centres).argmin(-1)
 
 
-def _m_step(z: torch.Tensor, resp: torch.Tensor, reg_covar: float):
+def _m_step(z: torch.Tensor, resp: torch.Tensor, reg_covar: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weights, means and variances from responsibilities (N, K); variance floored by reg_covar."""
     nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps  # [K]
     mu = (resp.T @ z) / nk[:, None]
@@ -89,6 +89,13 @@ def fit_gmm(z: torch.Tensor, num_components: int, max_iter: int = 100, tol: floa
         raise ValueError(f"z must have at least num_components={num_components} rows, got {n}")
     if not torch.isfinite(z).all():
         raise ValueError("z must be finite (no NaN or inf) to fit a mixture")
+    if not reg_covar >= 0:
+        raise ValueError(f"reg_covar must be non-negative, got {reg_covar}")
+    if reg_covar == 0:
+        flat = (z.float().var(0) == 0).nonzero().flatten().tolist()
+        if flat:
+            raise ValueError(f"z has zero variance in dimension(s) {flat[:10]}: with reg_covar=0 a component's "
+                             f"variance there is 0 and its log-density infinite; pass reg_covar > 0")
     x = z.float()
     centre = x.mean(0)
     x = x - centre
@@ -106,4 +113,7 @@ def fit_gmm(z: torch.Tensor, num_components: int, max_iter: int = 100, tol: floa
             converged = True
             break
     lower_bound = gmm_log_prob(x, log_pi, mu, logvar, backend)[1].mean().item()
+    if not all(torch.isfinite(t).all() for t in (log_pi, mu, logvar)):
+        raise ValueError(f"EM reached non-finite parameters (a component collapsed onto identical points, variance "
+                         f"0); fit with reg_covar > 0 (got {reg_covar})")
     return GmmParams(log_pi, mu + centre, logvar, lower_bound, n_iter, converged)

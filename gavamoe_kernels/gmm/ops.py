@@ -63,7 +63,7 @@ def _backward(ctx, g, g_norm):
 torch.library.register_autograd("gavamoe_kernels::gmm_logprob_fwd", _backward, setup_context=_setup)
 
 
-def _check_gmm_inputs(z, log_pi, mu, logvar) -> None:
+def _check_gmm_inputs(z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> None:
     check_tensor("z", z, "(N, D)", 2)
     check_tensor("log_pi", log_pi, "(K,)", 1)
     check_tensor("mu", mu, "(K, D)", 2)
@@ -79,14 +79,16 @@ def _check_gmm_inputs(z, log_pi, mu, logvar) -> None:
     check_same_device("z", z, log_pi=log_pi, mu=mu, logvar=logvar)
 
 
-def gmm_log_prob(z, log_pi, mu, logvar, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gmm_log_prob(z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_gamma (N, K) fp32, log_norm (N,) fp32), log_norm[n] = logsumexp_c log p_c(z[n])
     (the mixture log-density when log_pi is normalised). Differentiable in both outputs."""
     _check_gmm_inputs(z, log_pi, mu, logvar)
     return _gmm_fwd(z, log_pi, mu, logvar, resolve_backend(z.device, backend, z.dtype))
 
 
-def gmm_log_responsibilities(z, log_pi, mu, logvar, backend: str | None = None) -> torch.Tensor:
+def gmm_log_responsibilities(z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                             backend: str | None = None) -> torch.Tensor:
     """Log-responsibilities of a diagonal Gaussian mixture, computed in fp32.
 
     Args:
@@ -104,6 +106,7 @@ def gmm_log_responsibilities(z, log_pi, mu, logvar, backend: str | None = None) 
     return gmm_log_prob(z, log_pi, mu, logvar, backend)[0]
 
 
-def gmm_responsibilities(z, log_pi, mu, logvar, backend: str | None = None) -> torch.Tensor:
+def gmm_responsibilities(z: torch.Tensor, log_pi: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                         backend: str | None = None) -> torch.Tensor:
     """exp of :func:`gmm_log_responsibilities`: (N, K) fp32, rows sum to 1."""
     return torch.exp(gmm_log_responsibilities(z, log_pi, mu, logvar, backend))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -38,7 +40,7 @@ class MoEMLP(nn.Module):
         self._cluster_ids: torch.Tensor | None = None
 
     @contextlib.contextmanager
-    def bind(self, cluster_ids: torch.Tensor | None):
+    def bind(self, cluster_ids: torch.Tensor | None) -> Iterator[None]:
         previous, self._cluster_ids = self._cluster_ids, cluster_ids
         try:
             yield
@@ -52,10 +54,10 @@ class MoEMLP(nn.Module):
         return self.dropout(self.moe(hidden_states, self._cluster_ids))
 
 
-_PATCHED_CLASSES: dict[tuple[type, str], type] = {}
+_PATCHED_CLASSES: dict[tuple[type, str], type[nn.Module]] = {}
 
 
-def _bind_forward(base: type):
+def _bind_forward(base: type[nn.Module]) -> Callable[..., Any]:
     """Decoder layer: take ``cluster_ids`` out of the keywords and bind it to the layer's MoEMLP."""
 
     def forward(self, *args, cluster_ids=None, **kwargs):
@@ -65,7 +67,7 @@ def _bind_forward(base: type):
     return forward
 
 
-def _pass_forward(base: type):
+def _pass_forward(base: type[nn.Module]) -> Callable[..., Any]:
     """Top-level model: name ``cluster_ids`` in the signature (generate() validates keywords
     against it) and hand it down through transformers' ``**kwargs``."""
 
@@ -77,16 +79,17 @@ def _pass_forward(base: type):
     # generate() reads forward's signature to decide which inputs (position_ids, ...) to build:
     # show the base signature with cluster_ids added
     functools.update_wrapper(forward, base.forward)
-    del forward.__wrapped__
+    attributes = vars(forward)
+    del attributes["__wrapped__"]
     signature = inspect.signature(base.forward)
     params = list(signature.parameters.values())
     extra = inspect.Parameter("cluster_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
     at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-    forward.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+    attributes["__signature__"] = signature.replace(parameters=[*params[:at], extra, *params[at:]])
     return forward
 
 
-def _patch_class(module: nn.Module, make_forward) -> None:
+def _patch_class(module: nn.Module, make_forward: Callable[[type[nn.Module]], Callable[..., Any]]) -> None:
     """Give ``module`` a subclass of its class with the forward built by ``make_forward``."""
     base = type(module)
     key = (base, make_forward.__name__)
@@ -98,7 +101,7 @@ def _patch_class(module: nn.Module, make_forward) -> None:
 
 def _unpatch_class(module: nn.Module) -> None:
     if "_gavamoe_base" in type(module).__dict__:
-        module.__class__ = type(module)._gavamoe_base
+        module.__class__ = vars(type(module))["_gavamoe_base"]
 
 
 def _mlp_kind(mlp: nn.Module) -> str | None:
@@ -109,16 +112,21 @@ def _mlp_kind(mlp: nn.Module) -> str | None:
     return None
 
 
+def _mlp_of(layer: nn.Module) -> nn.Module:
+    return cast(nn.Module, layer.mlp)
+
+
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module) and _mlp_kind(m.mlp)]
+    return [m for m in model.modules() if isinstance(getattr(m, "mlp", None), nn.Module) and _mlp_kind(_mlp_of(m))]
 
 
-def _build_moe(mlp, kind, num_experts, num_clusters, top_k, intermediate_size, init) -> ClusterGatedMoE:
+def _build_moe(mlp: nn.Module, kind: str | None, num_experts: int, num_clusters: int, top_k: int,
+               intermediate_size: int | None, init: str) -> ClusterGatedMoE:
     if kind == "swiglu":
-        weight = mlp.gate_proj.weight  # [I, H]
+        weight = cast(nn.Linear, mlp.gate_proj).weight  # [I, H]
         dense_i, hidden = weight.shape
     else:
-        weight = mlp.c_fc.weight  # Conv1D: [H, I]
+        weight = cast(nn.Linear, mlp.c_fc).weight  # Conv1D: [H, I]
         hidden, dense_i = weight.shape
     split_i = dense_i // num_experts
     if init == "dense_split":
@@ -162,7 +170,7 @@ def replace_mlp_with_moe(model: nn.Module, num_experts: int, num_clusters: int, 
         raise ValueError(f"found no LLaMA-style (gate_proj/up_proj/down_proj) or GPT-2 (c_fc/c_proj) MLP to "
                          f"replace in {type(model).__name__}")
     for layer in layers:
-        dense = layer.mlp
+        dense = _mlp_of(layer)
         kind = _mlp_kind(dense)
         moe = _build_moe(dense, kind, num_experts, num_clusters, top_k, intermediate_size, init)
         layer.mlp = MoEMLP(moe, dense.to("cpu"), getattr(dense, "dropout", None) if kind == "gpt2" else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,7 +47,8 @@ class ClusterGatedMoE(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_clusters: int,
-                 top_k: int = 2, normalize: bool = True, device=None, dtype=None, backend: str | None = None):
+                 top_k: int = 2, normalize: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, backend: str | None = None) -> None:
         super().__init__()
         self.hidden_size = check_positive_int("hidden_size", hidden_size)
         self.intermediate_size = check_positive_int("intermediate_size", intermediate_size)
@@ -57,11 +59,10 @@ class ClusterGatedMoE(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.normalize = normalize
         self.backend = backend
-        factory = dict(device=device, dtype=dtype)
         H, I, E, C = hidden_size, intermediate_size, num_experts, num_clusters
-        self.gate_weight = nn.Parameter(torch.empty(C, E, H, **factory))
-        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * I, H, **factory))
-        self.w_down = nn.Parameter(torch.empty(E, H, I, **factory))
+        self.gate_weight = nn.Parameter(torch.empty(C, E, H, device=device, dtype=dtype))
+        self.w_gate_up = nn.Parameter(torch.empty(E, 2 * I, H, device=device, dtype=dtype))
+        self.w_down = nn.Parameter(torch.empty(E, H, I, device=device, dtype=dtype))
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
@@ -77,7 +78,7 @@ class ClusterGatedMoE(nn.Module):
                 f"num_experts={self.num_experts}, num_clusters={self.num_clusters}, top_k={self.top_k}, "
                 f"normalize={self.normalize}")
 
-    def token_cluster_ids(self, hidden_states: torch.Tensor, cluster_ids) -> torch.Tensor:
+    def token_cluster_ids(self, hidden_states: torch.Tensor, cluster_ids: torch.Tensor) -> torch.Tensor:
         """Flatten per-sequence or per-token cluster ids to one id per token (T,)."""
         lead = tuple(hidden_states.shape[:-1])
         if not isinstance(cluster_ids, torch.Tensor) or cluster_ids.dtype not in INDEX_DTYPES:
@@ -120,7 +121,8 @@ class ClusterGatedMoE(nn.Module):
         experts with weight 1 equals the dense MLP. The gates start at nn.Linear's default.
         """
         _check_dense_swiglu(mlp)
-        gate_w, up_w, down_w = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        gate_w, up_w, down_w = (cast(nn.Linear, getattr(mlp, name)).weight
+                                for name in ("gate_proj", "up_proj", "down_proj"))
         dense_i, hidden = gate_w.shape
         check_positive_int("num_experts", num_experts)
         if dense_i % num_experts:

@@ -164,7 +164,8 @@ torch.library.register_autograd("gavamoe_kernels::experts_fwd", _experts_backwar
 
 # ---- checks of user input -------------------------------------------------------------------
 
-def _check_route_inputs(hidden, gate_weight, cluster_ids, top_k) -> None:
+def _check_route_inputs(hidden: torch.Tensor, gate_weight: torch.Tensor, cluster_ids: torch.Tensor,
+                        top_k: int) -> None:
     check_tensor("hidden", hidden, "(T, H)", 2)
     check_tensor("gate_weight", gate_weight, "(C, E, H)", 3)
     T, H = hidden.shape
@@ -181,7 +182,7 @@ def _check_route_inputs(hidden, gate_weight, cluster_ids, top_k) -> None:
         raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
 
 
-def _check_expert_weights(hidden, w_gate_up, w_down) -> None:
+def _check_expert_weights(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
     check_tensor("hidden", hidden, "(T, H)", 2)
     H = hidden.shape[1]
     check_tensor("w_gate_up", w_gate_up, "(E, 2I, H)", 3)
@@ -201,7 +202,8 @@ def _check_slot_count(T: int, k: int) -> None:
         raise ValueError(f"T * k = {T * k} token-slots exceeds the int32 slot index; split the batch")
 
 
-def _check_experts_inputs(hidden, topk_weights, topk_ids, w_gate_up, w_down) -> None:
+def _check_experts_inputs(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
     _check_expert_weights(hidden, w_gate_up, w_down)
     T = hidden.shape[0]
     E = w_gate_up.shape[0]
@@ -225,8 +227,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 # ---- the layer's path: inputs already checked, backend already resolved ---------------------
 
-def moe_forward(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k: int, normalize: bool,
-                backend: str) -> tuple[torch.Tensor, Routing]:
+def moe_forward(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weight: torch.Tensor, w_gate_up: torch.Tensor,
+                w_down: torch.Tensor, top_k: int, normalize: bool, backend: str) -> tuple[torch.Tensor, Routing]:
     """Route, then the experts, on checked inputs and a resolved backend: (y [T,H], Routing)."""
     weights, ids, logits = _route_fwd(hidden, gate_weight, cluster_ids, top_k, normalize, backend)
     save = _needs_grad(hidden, gate_weight, w_gate_up, w_down)

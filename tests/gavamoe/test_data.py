@@ -77,5 +77,78 @@ def test_synthetic_is_seeded_and_carries_groups():
     groups = {}
     for rec in a.records:
         assert groups.setdefault(rec["user"], rec["group"]) == rec["group"]
-    with pytest.raises(ValueError, match="num_groups must be at most"):
+    with pytest.raises(ValueError, match="--synthetic-groups must be at most"):
         make_synthetic(num_groups=99)
+
+
+def _nested_laughs(levels: int, width: int):
+    node: list = []
+    for _ in range(levels):
+        node = [node] * width
+    return node
+
+
+@pytest.mark.parametrize(("levels", "width"), [(9, 10), (3, 2000)], ids=["deep", "wide"])
+def test_pickle_that_expands_through_shared_references_is_refused_quickly(tmp_path, levels, width):
+    """A few hundred bytes (deep) or a few kilobytes (wide) that reach 10^9 objects through shared
+    references: refused before anything walks them (load_peter hung on the deep one)."""
+    import time
+
+    payload = pickle.dumps(_nested_laughs(levels, width), protocol=4)
+    assert len(payload) < 20_000
+    (tmp_path / "reviews.pickle").write_bytes(payload)
+    start = time.perf_counter()
+    with pytest.raises(RefusedPickleError, match="refused"):
+        load_peter(tmp_path / "reviews.pickle")
+    assert time.perf_counter() - start < 5.0
+
+
+def test_pickle_larger_than_the_cap_is_refused_unread(tmp_path):
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(_records()))
+    with pytest.raises(RefusedPickleError, match="more than the 100 a reviews pickle is allowed"):
+        load_peter(tmp_path / "reviews.pickle", max_bytes=100)
+
+
+def test_shared_small_tuples_of_an_honest_file_are_accepted(tmp_path):
+    template = ("room", "great", "the room was great", 1)  # one tuple object in every record
+    records = [{"user": f"u{i}", "item": f"i{i % 3}", "rating": 5, "template": template} for i in range(50)]
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(records))
+    assert load_peter(tmp_path / "reviews.pickle").num_users == 50
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rating", 7.0, "rating must be an integer from 1 to 5, got 7.0"),
+    ("rating", 0, "rating must be an integer from 1 to 5, got 0"),
+    ("rating", float("nan"), "rating must be an integer from 1 to 5, got nan"),
+    ("rating", float("inf"), "rating must be an integer from 1 to 5, got inf"),
+    ("rating", 3.5, "rating must be an integer from 1 to 5, got 3.5"),
+    ("rating", True, "rating must be an integer from 1 to 5, got True"),
+    ("rating", "4", "rating must be an integer from 1 to 5, got '4'"),
+    ("user", ["u"], "user must be a string or an integer id"),
+    ("template", ("f", "a", 3, 1), "the template's sentence must be a string"),
+    ("template", ("f", "a", "s", "good"), "the template's sentiment must be a number"),
+])
+def test_bad_records_are_refused_naming_the_record(tmp_path, field, value, message):
+    records = _records()
+    records[13][field] = value
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(records))
+    with pytest.raises(ValueError, match="record 13: " + message.replace("(", r"\(").replace(")", r"\)")):
+        load_peter(tmp_path / "reviews.pickle")
+
+
+def test_splits_must_be_non_empty_and_disjoint(tmp_path):
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(_records()))
+    (tmp_path / "train.index").write_text(" ".join(map(str, range(14))))
+    (tmp_path / "validation.index").write_text("14 15 16")
+    (tmp_path / "test.index").write_text("")
+    with pytest.raises(ValueError, match="the test split is empty"):
+        load_peter(tmp_path / "reviews.pickle", tmp_path)
+    (tmp_path / "test.index").write_text("3 17 18")
+    with pytest.raises(ValueError, match="record 3 is in both the train and the test split"):
+        load_peter(tmp_path / "reviews.pickle", tmp_path)
+    (tmp_path / "test.index").write_text("17 x")
+    with pytest.raises(ValueError, match="must hold space-separated record positions"):
+        load_peter(tmp_path / "reviews.pickle", tmp_path)
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(_records(5)))
+    with pytest.raises(ValueError, match="the validation split is empty"):
+        load_peter(tmp_path / "reviews.pickle")  # 5 records: 4 train, 0 validation, 1 test

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,8 @@ import torch
 from gavamoe import evaluate, generate
 from gavamoe.data import make_synthetic
 from gavamoe.data import text as text_data
-from gavamoe.models.explainer import Explainer, load_tokenizer
+from gavamoe.models.explainer import Explainer, ExplainerConfig, load_tokenizer
+from gavamoe.runs import Run
 from gavamoe.train import main as train_main
 from gavamoe_kernels.moe.hf import MoEMLP
 
@@ -33,9 +33,7 @@ def run(tmp_path_factory):
 
 def _stage2_from(run, out, *flags):
     """A stage-2 run of its own on the stage 1 of ``run``."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(run / "stage1", out / "stage1")
-    shutil.copy(run / "data.json", out / "data.json")
+    Run(run).fork(out)
     return train_main(["--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2, *flags])
 
 
@@ -127,7 +125,7 @@ def test_resume_continues_exactly(run, tmp_path):
     assert _stage2_from(run, tmp_path / "whole") == 0
     assert _stage2_from(run, tmp_path / "parts", "--stop-after", "30") == 0
     assert not (tmp_path / "parts" / "stage2" / "model.pt").exists()
-    saved = torch.load(tmp_path / "parts" / "stage2" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "parts" / "stage2" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 30
     assert train_main(["--out", str(tmp_path / "parts"), "--stage", "2", *TINY_DATA, *TINY_STAGE2, "--resume"]) == 0
     whole = json.loads((tmp_path / "whole" / "stage2" / "metrics.json").read_text())
@@ -144,11 +142,13 @@ def test_ablations_and_gate_count(run, tmp_path):
     from gavamoe.stage2 import Stage2Config, build_explainer
     tokenizer = _load(run)[1]
     vae = _load(run)[0].vae
-    shared = build_explainer(Stage2Config(multi_gating=False, num_experts=4), vae, tokenizer)
+    shared = build_explainer(Stage2Config(ExplainerConfig(multi_gating=False, num_experts=4)), vae, tokenizer)
     gates = [m.moe.gate_weight.shape[0] for m in shared.lm.modules() if isinstance(m, MoEMLP)]
     assert gates == [1, 1]
     users = torch.tensor([0, 1, 2])
-    assert shared.cluster_ids(users, users).tolist() == [0, 0, 0]
+    clusters = shared.cluster_ids(users, users)
+    assert torch.equal(clusters, vae.assign_clusters(users, users))  # cluster ids are clusters
+    assert shared.gate_ids(clusters).tolist() == [0, 0, 0]  # every cluster's gate is the shared one
 
 
 def test_num_clusters_sets_the_gates(tmp_path):
@@ -156,7 +156,7 @@ def test_num_clusters_sets_the_gates(tmp_path):
                        *TINY_STAGE2, "--stop-after", "2"]) == 0
     stage1 = json.loads((tmp_path / "stage1" / "metrics.json").read_text())
     assert len(stage1["cluster_sizes"]) == 3
-    saved = torch.load(tmp_path / "stage2" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "stage2" / "checkpoint.pt", weights_only=True)
     gate_shapes = [v.shape for k, v in saved["model"].items() if k.endswith("moe.gate_weight")]
     assert gate_shapes and all(s[0] == 3 for s in gate_shapes)
 
@@ -165,7 +165,7 @@ def test_lora_trains_adapters_moe_and_vae_only(run):
     pytest.importorskip("peft")
     from gavamoe.stage2 import Stage2Config, build_explainer
     model, tokenizer = _load(run)
-    lora = build_explainer(Stage2Config(lora_rank=4, num_experts=4), model.vae, tokenizer)
+    lora = build_explainer(Stage2Config(ExplainerConfig(lora_rank=4, num_experts=4)), model.vae, tokenizer)
     trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any(".moe." in n for n in trainable)
     assert any(n.startswith("vae.") for n in trainable) and "user_proj.weight" in trainable
@@ -185,8 +185,8 @@ def test_stage2_needs_stage1(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--alpha", "1.5"], "alpha must lie in"),
-    (["--stage2-batch-size", "0"], "batch_size must be at least 1"),
-    (["--top-k", "5"], "top_k must be at most"),
+    (["--stage2-batch-size", "0"], "--stage2-batch-size must be at least 1"),
+    (["--top-k", "5"], "--top-k must be at most"),
     (["--dense", "--no-multi-gating"], "cannot be combined"),
 ])
 def test_bad_stage2_options_are_refused_before_training(tmp_path, flags, message):
@@ -197,14 +197,13 @@ def test_bad_stage2_options_are_refused_before_training(tmp_path, flags, message
 
 def test_resume_without_a_checkpoint_is_an_error(run, tmp_path):
     out = tmp_path / "r"
-    out.mkdir()
-    shutil.copytree(run / "stage1", out / "stage1")
+    Run(run).fork(out)
     with pytest.raises(ValueError, match="--resume"):
         train_main(["--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2, "--resume"])
 
 
 def test_generate_needs_a_trained_run(tmp_path):
-    with pytest.raises(ValueError, match="train stage 2 first"):
+    with pytest.raises(ValueError, match="is not a gavamoe run"):
         generate.main(["--run", str(tmp_path), "--out", str(tmp_path / "p.jsonl")])
 
 
@@ -212,9 +211,7 @@ def test_generate_needs_a_trained_run(tmp_path):
 def test_ddp_two_processes_end_with_identical_weights(run, tmp_path):
     """torchrun, 2 CPU processes, gloo: DistributedDataParallel keeps both ranks' weights equal."""
     out = tmp_path / "ddp"
-    out.mkdir()
-    shutil.copytree(run / "stage1", out / "stage1")
-    shutil.copy(run / "data.json", out / "data.json")
+    Run(run).fork(out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "gavamoe.train", "--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2,

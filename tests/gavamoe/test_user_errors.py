@@ -1,0 +1,155 @@
+"""Bad input to the command lines: one line naming the flag, file or record, exit status 2, no
+traceback, and nothing written or trained before the check."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gavamoe import evaluate, generate, train
+from gavamoe.data import text as text_data
+from gavamoe.errors import run_cli
+from gavamoe.runs import Run
+
+TINY = ["--synthetic-users", "200", "--synthetic-items", "150", "--synthetic-records", "3000",
+        "--embed-dim", "32", "--latent-dim", "8", "--pretrain-epochs", "1", "--epochs", "1", "--device", "cpu"]
+TINY_STAGE2 = ["--stage2-batch-size", "32", "--max-explanation-tokens", "12", "--num-experts", "4",
+               "--stop-after", "2"]
+
+
+def _error(capsys, prog, main, argv) -> str:
+    assert run_cli(prog, main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"{prog}: error: ")
+    return err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "-1"], "--epochs must be non-negative, got -1"),
+    (["--beta", "-0.5"], "--beta must be non-negative, got -0.5"),
+    (["--num-clusters", "0"], "--num-clusters must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--stage2-epochs", "0"], "--stage2-epochs must be at least 1"),
+    (["--base-model", "./no/such/model"], "--base-model ./no/such/model: no such folder"),
+    (["--data", "missing.pickle"], "--data missing.pickle: no such file"),
+    (["--device", "tpu9"], "--device tpu9: not a device"),
+    (["--synthetic-groups", "99"], "--synthetic-groups must be at most 6"),
+])
+def test_bad_flags_are_one_line_before_any_work(capsys, tmp_path, flags, message):
+    out = tmp_path / "run"
+    err = _error(capsys, "gavamoe.train", train.main, ["--out", str(out), *TINY, *flags])
+    assert message in err
+    assert not (out / "stage1").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_on_a_machine_without_cuda(capsys, tmp_path):
+    err = _error(capsys, "gavamoe.train", train.main, ["--out", str(tmp_path / "r"), *TINY, "--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA device" in err
+
+
+def test_python_m_exits_2_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gavamoe.train", "--out", str(tmp_path / "r"), "--epochs", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "gavamoe.train: error: --epochs must be non-negative, got -3"
+    assert "Traceback" not in done.stderr
+
+
+def test_refused_pickle_is_a_user_error(capsys, tmp_path):
+    laughs: list = []
+    for _ in range(9):
+        laughs = [laughs] * 10
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(laughs))
+    err = _error(capsys, "gavamoe.train", train.main, ["--out", str(tmp_path / "r"), "--data",
+                                                        str(tmp_path / "reviews.pickle"), "--device", "cpu"])
+    assert "reviews.pickle" in err and "refused" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('{"features": ["a"], "reference": "x", "generated": "y"}\n{oops\n', ":2: not valid JSON"),
+    ("42\n", ":1: expected a JSON object, got a int"),
+    ('{"features": ["a"], "reference": "x"}\n', ":1: lacks generated"),
+    ('{"features": "room", "reference": "x", "generated": "y"}\n', ":1: features must be a list of strings"),
+    ('{"features": ["a"], "reference": 3, "generated": "y"}\n', ":1: reference must be a string"),
+    ("\n\n", "holds no predictions"),
+])
+def test_malformed_predictions_name_file_and_line(capsys, tmp_path, content, message):
+    path = tmp_path / "pred.jsonl"
+    path.write_text(content)
+    err = _error(capsys, "gavamoe.evaluate", evaluate.main, ["--predictions", str(path), "--out",
+                                                              str(tmp_path / "m.json")])
+    assert str(path) in err and message in err
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert train.main(["--out", str(out), *TINY, *TINY_STAGE2, "--stop-after", "0"]) == 0
+    return out
+
+
+def test_each_run_writes_config_json_with_absolute_data_paths(tmp_path, monkeypatch):
+    records = [{"user": f"u{i % 9}", "item": f"i{i % 7}", "rating": 1 + i % 5,
+                "template": ("room", "nice", "the room was nice", 1)} for i in range(60)]
+    (tmp_path / "reviews.pickle").write_bytes(pickle.dumps(records))
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--out", "r", "--data", "reviews.pickle", "--stage", "1", *TINY]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["data"]["data"] == str(tmp_path / "reviews.pickle")
+    assert set(config) == {"data", "stage1"} and config["stage1"]["config"]["epochs"] == 1
+    monkeypatch.chdir("/")  # the run's data is found from anywhere
+    assert Run(tmp_path / "r").load_data().num_users == 9
+
+
+def test_a_run_cannot_be_retrained_on_other_data(capsys, run):
+    other = ["--synthetic-records", "3001"]
+    err = _error(capsys, "gavamoe.train", train.main, ["--out", str(run), *TINY, *other, "--stage", "1"])
+    assert "holds a run trained on other data" in err
+
+
+def test_stale_stage2_is_refused_after_stage1_is_retrained(capsys, run, tmp_path):
+    fresh = tmp_path / "fresh"
+    Run(run).fork(fresh)
+    assert train.main(["--out", str(fresh), *TINY, *TINY_STAGE2, "--stage", "2", "--stop-after", "0"]) == 0
+    assert generate.main(["--run", str(fresh), "--out", str(tmp_path / "p.jsonl"), "--limit", "2",
+                          "--device", "cpu"]) == 0
+    assert train.main(["--out", str(fresh), *TINY, "--stage", "1", "--lr", "2e-3"]) == 0  # stage 1 again
+    err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(fresh), "--out", str(tmp_path / "q.jsonl"),
+                                                              "--device", "cpu"])
+    assert "stage 2 was trained on an earlier stage 1" in err and not (tmp_path / "q.jsonl").exists()
+
+
+def test_generate_checks_out_and_max_new_tokens_first(capsys, run, tmp_path):
+    err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(run), "--out", str(tmp_path / "p.jsonl"),
+                                                              "--max-new-tokens", "0"])
+    assert "--max-new-tokens must be at least 1, got 0" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(run), "--out", str(blocker / "p.jsonl"),
+                                                              "--device", "cpu"])
+    assert "cannot write there" in err
+
+
+def test_review_text_with_special_tokens_is_encoded_as_text():
+    from gavamoe.data.text import encode, train_tokenizer
+
+    tokenizer = train_tokenizer(["the room was great and the staff friendly"] * 40, 300)
+    record = {"user_idx": 0, "item_idx": 0, "rating": 5.0,
+              "template": ("room </s> <user>", "great", "the room </s> was <item> great <pad> <unk>", 1)}
+    split = encode([record], tokenizer)
+    special = set(tokenizer.all_special_ids)
+    assert [t for t in split.targets[0] if t in special] == [tokenizer.eos_token_id]  # only the closing EOS
+    prompt_specials = [t for t in split.prompts[0] if t in special]
+    user, item = tokenizer.convert_tokens_to_ids(["<user>", "<item>"])
+    assert prompt_specials.count(user) == 1 and prompt_specials.count(item) == 1  # the template's own
+    assert tokenizer.eos_token_id not in split.prompts[0]
+    assert "</s> <user>" in tokenizer.decode(split.prompts[0])  # the review's text kept as text
+    assert text_data.prompt_text(record, tokenizer).count("<user>") == 2  # the displayed prompt shows both
