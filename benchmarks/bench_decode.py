@@ -124,7 +124,7 @@ def test_decode_step(benchmark, full_size, rates, T, impl, graph):
     if graph == "cuda-graph" and isinstance(fn, peers.Compiled):
         pytest.skip("torch.compile(mode='reduce-overhead') captures its own CUDA graphs: the eager row is that")
     want, base, (hidden, cids, layers) = _reference(T, full_size)
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
     with torch.no_grad():
         step = ((lambda: _layer_step(fn, hidden, cids, layers)) if kind == "layer"
                 else (lambda: _experts_step(fn, hidden, layers)))
@@ -145,7 +145,7 @@ def test_decode_step(benchmark, full_size, rates, T, impl, graph):
                                           w2.double()) for gate, w1, w2, _, _ in layers]
         names = [f"layer {i} y" for i in range(LAYERS)]
         record_check(benchmark, role, lambda: check_all(names, outputs, want, base, DTYPE))
-        info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+        info = peers.compile_info(fn, compiles_before)
         H, I = hidden.shape[1], layers[0][2].shape[2]
         prediction = None
         if role == "ours" and not impl.startswith("gavamoe-torch"):

@@ -114,11 +114,11 @@ def test_responsibilities_forward(benchmark, full_size, rates, case, impl):
         run_timed(benchmark, name, impl, "peer", lambda: gm.predict_proba(z_np), bytes_moved=_bytes(z, K), rounds=3)
         return
     role, fn = _function(impl, full_size)
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
     with torch.inference_mode():
         record_check(benchmark, role, lambda: check_all(("gamma",), (torch.exp(fn(*inputs)),), (torch.exp(want),),
                                                         (torch.exp(base),), torch.float32))
-        info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+        info = peers.compile_info(fn, compiles_before)
         prediction = (model.predict(model.gmm_forward_kernels(z.shape[0], z.shape[1], K, z.element_size()), rates)
                       if impl in ("gavamoe-triton", "gavamoe-cuda") else None)
         run_timed(benchmark, name, impl, role, lambda: fn(*inputs), bytes_moved=_bytes(z, K),
@@ -139,7 +139,7 @@ def test_responsibilities_forward_backward(benchmark, full_size, rates, case, im
     inputs, g, want, base = _gradients(case, full_size)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     z, K = leaves[0], leaves[1].shape[0]
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
 
     def step():
         for t in leaves:
@@ -149,7 +149,7 @@ def test_responsibilities_forward_backward(benchmark, full_size, rates, case, im
 
     record_check(benchmark, role, lambda: check_all(("d z", "d log_pi", "d mu", "d logvar"), step(), want, base,
                                                     torch.float32))
-    info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+    info = peers.compile_info(fn, compiles_before)
     N, d = z.shape
     prediction = (model.predict(model.gmm_forward_kernels(N, d, K, z.element_size())
                                 + model.gmm_backward_kernels(N, d, K, z.element_size()), rates)

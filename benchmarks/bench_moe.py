@@ -165,10 +165,10 @@ def test_moe_training_step(benchmark, full_size, rates, shape, routing, impl):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weights, w1, w2)]
     step = backward_step(fn, leaves, d_y)
     args = (leaves[0], leaves[1], ids, leaves[2], leaves[3])
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
     record_check(benchmark, role, lambda: check_all(GRADIENTS, step(*args), want, base, DTYPE))
     T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
-    info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+    info = peers.compile_info(fn, compiles_before)
     run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", impl, role, lambda: step(*args),
               flops=18.0 * T * K * H * I, prediction=_prediction(impl, "training", inputs, rates), **info)
 
@@ -179,12 +179,12 @@ def test_moe_forward(benchmark, full_size, rates, shape, impl):
     """Forward only, no grad (uniform routing): the target is 70% of the dense matmul rate."""
     role, fn = _implementation(impl, full_size)
     want, base, inputs = _forward_reference(shape, "uniform", full_size)
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
     with torch.no_grad():
         record_check(benchmark, role, lambda: check_all(("y",), (fn(*inputs),), (want,), (base,), DTYPE))
         hidden, _, _, _, w2 = inputs
         T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
-        info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+        info = peers.compile_info(fn, compiles_before)
         run_timed(benchmark, f"moe forward {shape[0]} T={T} uniform", impl, role, lambda: fn(*inputs),
                   flops=6.0 * T * K * H * I, prediction=_prediction(impl, "forward", inputs, rates), **info)
 

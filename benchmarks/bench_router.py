@@ -113,11 +113,11 @@ def _check_routing(out, want, base) -> str:
 def test_router(benchmark, full_size, rates, shape, impl):
     role, fn = _function(impl, full_size)
     want, base, (hidden, gate, cids, _, _) = _reference(shape, full_size)
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
     with torch.no_grad():
         record_check(benchmark, role, lambda: _check_routing(fn(hidden, gate, cids), want, base))
     T, H = hidden.shape
-    info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+    info = peers.compile_info(fn, compiles_before)
     prediction = (model.predict(model.router_kernels(T, H, E, C, K, hidden.element_size()), rates)
                   if impl in ("gavamoe-triton", "gavamoe-cuda") else None)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_router_forward_backward(benchmark, full_size, rates, shape, impl):
     role, fn = _function(impl, full_size)
     want, base, (hidden, gate, cids, d_w, d_l) = _reference(shape, full_size)
     x, w = hidden.detach().clone().requires_grad_(), gate.detach().clone().requires_grad_()
-    compiles_before = fn.compiles if isinstance(fn, peers.Compiled) else 0
+    compiles_before = peers.compiles_so_far(fn)
 
     def step():
         x.grad = w.grad = None
@@ -142,7 +142,7 @@ def test_router_forward_backward(benchmark, full_size, rates, shape, impl):
 
     record_check(benchmark, role, lambda: check_all(("d hidden", "d gate_weight"), step(), want[3:], base[3:], DTYPE))
     T, H = hidden.shape
-    info = fn.info(compiles_before) if isinstance(fn, peers.Compiled) else {}
+    info = peers.compile_info(fn, compiles_before)
     prediction = (model.predict(model.router_kernels(T, H, E, C, K, hidden.element_size(), backward=True), rates)
                   if impl == "gavamoe-triton" else None)
     run_timed(benchmark, f"router forward+backward T={T} H={H} E={E} C={C}", impl, role, step,

@@ -61,6 +61,16 @@ class Compiled:
         return {"compiles": self.compiles - compiles_before, "fell_back_to_eager": self.fallback}
 
 
+def compiles_so_far(fn) -> int:
+    return fn.compiles if isinstance(fn, Compiled) else 0
+
+
+def compile_info(fn, compiles_before: int) -> dict:
+    """The compile figures a row records: for a Compiled peer, its compiles since then and any
+    eager fallback; nothing for the others."""
+    return fn.info(compiles_before) if isinstance(fn, Compiled) else {}
+
+
 # ---- MoE experts ------------------------------------------------------------------------------
 
 

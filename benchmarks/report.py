@@ -64,10 +64,11 @@ def _notes(row: dict) -> str:
     notes = []
     if row.get("checked") is False:
         notes.append(f"**failed the check**: {row.get('check', '')}")
-    if "compiles" in row:
-        notes.append(f"{row['compiles']} compile(s)")
     if row.get("fell_back_to_eager"):
         notes.append(f"**fell back to eager** ({row['fell_back_to_eager']})")
+    elif "compiles" in row:
+        n = row["compiles"]
+        notes.append(f"compiled ({n} new graph{'s' if n != 1 else ''})" if n else "compiled (graph reused)")
     return "; ".join(notes)
 
 

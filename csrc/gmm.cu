@@ -93,6 +93,19 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
     }
   };
 
+  // row i of the tile: acc -> const * const_scale - acc / 2 (-inf past K); returns the row's max
+  // over the whole component tile (every thread of the row group calls it)
+  auto to_log_p = [&](int k0, float const_scale, int i) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < RK; ++j) {
+      const int c = k0 + tx + TC * j;
+      acc[i][j] = c < K ? log_const[c] * const_scale - 0.5f * acc[i][j] : -INFINITY;
+      tile_max = fmaxf(tile_max, acc[i][j]);
+    }
+    return detail::group_max<TC>(tile_max);
+  };
+
   float run_max[RM], run_sum[RM];
 #pragma unroll
   for (int i = 0; i < RM; ++i) {
@@ -104,14 +117,7 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
 #pragma unroll
     for (int i = 0; i < RM; ++i) {
       const int64_t row = row0 + ty + TR * i;
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < RK; ++j) {
-        const int c = k0 + tx + TC * j;
-        acc[i][j] = c < K ? log_const[c] - 0.5f * acc[i][j] : -INFINITY;
-        tile_max = fmaxf(tile_max, acc[i][j]);
-      }
-      const float new_max = fmaxf(run_max[i], detail::group_max<TC>(tile_max));
+      const float new_max = fmaxf(run_max[i], to_log_p(k0, 1.0f, i));
       float tile_sum = 0.0f;
 #pragma unroll
       for (int j = 0; j < RK; ++j) {
@@ -172,15 +178,13 @@ __global__ void __launch_bounds__(kThreads) gmm_log_prob_fwd_kernel(
 #pragma unroll
     for (int i = 0; i < RM; ++i) {
       const int64_t row = row0 + ty + TR * i;
-      float tile_max = -INFINITY;
+      lost_max[i] = fmaxf(lost_max[i], to_log_p(k0, 0x1p-124f, i));
+      if (!lost[i]) continue;
 #pragma unroll
       for (int j = 0; j < RK; ++j) {
         const int c = k0 + tx + TC * j;
-        acc[i][j] = c < K ? log_const[c] * 0x1p-124f - 0.5f * acc[i][j] : -INFINITY;
-        tile_max = fmaxf(tile_max, acc[i][j]);
-        if (lost[i] && c < K) log_gamma[row * K + c] = acc[i][j];
+        if (c < K) log_gamma[row * K + c] = acc[i][j];
       }
-      lost_max[i] = fmaxf(lost_max[i], detail::group_max<TC>(tile_max));
     }
   }
 #pragma unroll

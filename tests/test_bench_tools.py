@@ -20,6 +20,7 @@ def test_report_compares_only_checked_rows_and_shows_predictions(tmp_path):
                _row("case A", "peer-wrong", "peer", [0.5], checked=False, check="y: error 1.0e+00 (allowed 1.0e-03)"),
                _row("case A", "dense matmul", "limit", [0.8]),
                _row("case A", "compiled", "peer", [3.0], compiles=1, fell_back_to_eager="Unsupported: x"),
+               _row("case A", "compiled-ok", "peer", [2.5], compiles=0, fell_back_to_eager=None),
            ]}
     text = report.markdown([run])
     lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -27,7 +28,8 @@ def test_report_compares_only_checked_rows_and_shows_predictions(tmp_path):
     assert "x |" not in lines["peer-wrong"].split("|")[10] and "failed the check" in lines["peer-wrong"]
     assert "500.000 ms" in lines["gavamoe-triton"] and "| 2.00 |" in lines["gavamoe-triton"]  # predicted, ratio
     assert "| 80 |" in lines["gavamoe-triton"]  # 0.8 s of the dense matmul over 1.0 s
-    assert "fell back to eager" in lines["compiled"] and "1 compile(s)" in lines["compiled"]
+    assert "fell back to eager" in lines["compiled"] and "compiled (" not in lines["compiled"]
+    assert "compiled (graph reused)" in lines["compiled-ok"]
     (tmp_path / "test-gpu-moe.json").write_text(json.dumps(run))
     md, png = report.write_combined_report(tmp_path, "test-gpu")
     assert md.read_text() == text and png.stat().st_size > 0

@@ -45,12 +45,14 @@ def _direct_mahalanobis(zc, mu_c, inv_var):
 
 
 def _expanded(zc, mu_c, inv_var, mu_term):
-    """(maha [n, K] by the expansion, loose [n]: rows where it cannot hold EXPANSION_TOLERANCE)."""
-    square, cross = zc.square() @ inv_var.T, 2 * zc @ (mu_c * inv_var).T  # [n, K] each
+    """(maha [n, K] by the expansion, loose [n]: rows where it cannot hold EXPANSION_TOLERANCE).
+    The expansion's rounding is about eps times the size of its terms, square + |cross| + mu_term,
+    and |cross| <= square + mu_term (Cauchy-Schwarz): a bound from each row's largest term."""
+    square = zc.square() @ inv_var.T  # [n, K]
+    maha = square - 2 * zc @ (mu_c * inv_var).T + mu_term
     eps = torch.finfo(torch.float64).eps
-    # rounding of the expansion: eps times the size of its terms
-    loose = (4 * eps * (square + cross.abs() + mu_term) > EXPANSION_TOLERANCE).any(-1)
-    return square - cross + mu_term, loose
+    loose = 8 * eps * (square.amax(-1) + mu_term.max()) > EXPANSION_TOLERANCE
+    return maha, loose
 
 
 def log_prob_fwd(z, log_pi, mu, logvar):

@@ -71,15 +71,18 @@ def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(pid_m, counts, tiles, tile_end, row_start, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Row tile -> (expert, first sorted row, end of the expert's rows)."""
+def _tile_rows(tile, num_m, num_n, counts, tiles, tile_end, row_start,
+               GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Tile id -> (expert, column tile, its sorted rows as int64 [BM], their mask [BM])."""
+    pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
     re = tl.arange(0, BLOCK_E)
     expert = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
     mine = re == expert
     first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
     start = tl.sum(tl.where(mine, row_start, 0), 0)
     row_end = start + tl.sum(tl.where(mine, counts, 0), 0)
-    return expert, start + (pid_m - first_tile) * BLOCK_M, row_end
+    rm = start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, pid_n, rm.to(tl.int64), rm < row_end
 
 
 @triton.jit
@@ -145,11 +148,8 @@ def _up_swiglu_fwd_kernel(
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * 2 * I, H], strides=[stride_wn, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        expert, row0, row_end = _tile_rows(pid_m, counts, tiles, tile_end, row_start, BLOCK_M, BLOCK_E)
-        rm = row0 + tl.arange(0, BLOCK_M)
-        m_mask = rm < row_end
-        rm64 = rm.to(tl.int64)
+        expert, pid_n, rm64, m_mask = _tile_rows(tile, num_m, num_n, counts, tiles, tile_end, row_start,
+                                                 GROUP_M, BLOCK_M, BLOCK_E)
         token = (tl.load(sorted_slots_ptr + rm64, mask=m_mask, other=0) // TOP_K).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < I
@@ -202,11 +202,8 @@ def _grouped_matmul_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, shape=[E * K, N], strides=[stride_bk, 1],
                                                block_shape=[BLOCK_K, BLOCK_N])
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        expert, row0, row_end = _tile_rows(pid_m, counts, tiles, tile_end, row_start, BLOCK_M, BLOCK_E)
-        rm = row0 + tl.arange(0, BLOCK_M)
-        m_mask = rm < row_end
-        rm64 = rm.to(tl.int64)
+        expert, pid_n, rm64, m_mask = _tile_rows(tile, num_m, num_n, counts, tiles, tile_end, row_start,
+                                                 GROUP_M, BLOCK_M, BLOCK_E)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         if USE_TMA:
@@ -241,11 +238,8 @@ def _act_grad_kernel(
     counts, tiles, tile_end, row_start, num_m = _row_tile_table(counts_ptr, E, BLOCK_M, BLOCK_E)
     num_n = tl.cdiv(I, BLOCK_N)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
-        expert, row0, row_end = _tile_rows(pid_m, counts, tiles, tile_end, row_start, BLOCK_M, BLOCK_E)
-        rm = row0 + tl.arange(0, BLOCK_M)
-        m_mask = rm < row_end
-        rm64 = rm.to(tl.int64)
+        expert, pid_n, rm64, m_mask = _tile_rows(tile, num_m, num_n, counts, tiles, tile_end, row_start,
+                                                 GROUP_M, BLOCK_M, BLOCK_E)
         slot = tl.load(sorted_slots_ptr + rm64, mask=m_mask, other=0).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < I

@@ -32,6 +32,18 @@ def _as(inputs, dtype, device="cpu"):
     return hidden.to(device, dtype), weights.to(device), ids.to(device), w1.to(device, dtype), w2.to(device, dtype)
 
 
+def _check_fp32_against_reference(fn, inputs, d_y) -> None:
+    """fn's output and four gradients against float64 by the STYLE.md rule (fp32 inputs)."""
+    y, grads = _grads(fn, inputs, d_y)
+    y64, grads64 = _grads(ref.moe_experts, _as(inputs, torch.float64), d_y)
+    y_base, grads_base = _grads(ref.moe_experts, _as(inputs, torch.float32), d_y)
+    assert y.is_contiguous()
+    assert_close_to_reference("y", y.cpu(), y64, y_base, ATOL[torch.float32])
+    for name, g, g64, gb in zip(("d hidden", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64,
+                                grads_base, strict=True):
+        assert_close_to_reference(name, g.cpu(), g64, gb, ATOL[torch.float32] * 4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -97,16 +109,9 @@ def test_every_hidden_layout_gives_the_reference(shape, backend, layout):
     output is contiguous and right, and so are the gradients."""
     T, H = shape[:2]
     hidden, weights, ids, w1, w2 = make_inputs(*shape, torch.float32, seed=2)
-    hidden = with_layout(hidden, layout)
     d_y = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
-    y, grads = _grads(lambda *a: gk.moe_experts(*a, backend=backend), (hidden, weights, ids, w1, w2), d_y)
-    y64, grads64 = _grads(ref.moe_experts, _as((hidden, weights, ids, w1, w2), torch.float64), d_y)
-    y_base, grads_base = _grads(ref.moe_experts, _as((hidden, weights, ids, w1, w2), torch.float32), d_y)
-    assert y.is_contiguous()
-    assert_close_to_reference("y", y.cpu(), y64, y_base, ATOL[torch.float32])
-    for name, g, g64, gb in zip(("d hidden", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64,
-                                grads_base, strict=True):
-        assert_close_to_reference(name, g.cpu(), g64, gb, ATOL[torch.float32] * 4)
+    _check_fp32_against_reference(lambda *a: gk.moe_experts(*a, backend=backend),
+                                  (with_layout(hidden, layout), weights, ids, w1, w2), d_y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,13 +138,7 @@ def test_tma_weight_loads_give_the_reference(shape):
     inputs = make_inputs(*shape, torch.float32, seed=12)
     d_y = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
     with _triton.use_tma(True):
-        y, grads = _grads(lambda *a: gk.moe_experts(*a, backend="triton"), inputs, d_y)
-    y64, grads64 = _grads(ref.moe_experts, _as(inputs, torch.float64), d_y)
-    y_base, grads_base = _grads(ref.moe_experts, _as(inputs, torch.float32), d_y)
-    assert_close_to_reference("y", y.cpu(), y64, y_base, ATOL[torch.float32])
-    for name, g, g64, gb in zip(("d hidden", "d topk_weights", "d w_gate_up", "d w_down"), grads, grads64,
-                                grads_base, strict=True):
-        assert_close_to_reference(name, g.cpu(), g64, gb, ATOL[torch.float32] * 4)
+        _check_fp32_against_reference(lambda *a: gk.moe_experts(*a, backend="triton"), inputs, d_y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
