@@ -154,6 +154,19 @@ def _prediction(impl: str, kernels_of, inputs, rates):
     return model.predict(kernels, rates)
 
 
+def _check_and_time(benchmark, fn, impl, role, step, model_name, routing, inputs, rates, check, call):
+    """Check ``fn`` against float64, then time it as the row "moe <step> <model> T=<T> <routing>";
+    the compile figures count the compiles of both. ``step``: "training" (18 T k H I FLOPs, the
+    forward's 6 plus the backward's 12) or "forward"."""
+    compiles_before = peers.compiles_so_far(fn)
+    record_check(benchmark, role, check)
+    hidden, _, _, _, w2 = inputs
+    T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
+    run_timed(benchmark, f"moe {step} {model_name} T={T} {routing}", impl, role, call,
+              flops=(18.0 if step == "training" else 6.0) * T * K * H * I,
+              prediction=_prediction(impl, step, inputs, rates), **peers.compile_info(fn, compiles_before))
+
+
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize("shape", TRAIN, ids=[f"{m}-T{t}" for m, t in TRAIN])
@@ -165,12 +178,8 @@ def test_moe_training_step(benchmark, full_size, rates, shape, routing, impl):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weights, w1, w2)]
     step = backward_step(fn, leaves, d_y)
     args = (leaves[0], leaves[1], ids, leaves[2], leaves[3])
-    compiles_before = peers.compiles_so_far(fn)
-    record_check(benchmark, role, lambda: check_all(GRADIENTS, step(*args), want, base, DTYPE))
-    T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
-    info = peers.compile_info(fn, compiles_before)
-    run_timed(benchmark, f"moe training {shape[0]} T={T} {routing}", impl, role, lambda: step(*args),
-              flops=18.0 * T * K * H * I, prediction=_prediction(impl, "training", inputs, rates), **info)
+    _check_and_time(benchmark, fn, impl, role, "training", shape[0], routing, inputs, rates,
+                    check=lambda: check_all(GRADIENTS, step(*args), want, base, DTYPE), call=lambda: step(*args))
 
 
 @pytest.mark.parametrize("impl", IMPL_NAMES)
@@ -179,14 +188,10 @@ def test_moe_forward(benchmark, full_size, rates, shape, impl):
     """Forward only, no grad (uniform routing): the target is 70% of the dense matmul rate."""
     role, fn = _implementation(impl, full_size)
     want, base, inputs = _forward_reference(shape, "uniform", full_size)
-    compiles_before = peers.compiles_so_far(fn)
     with torch.no_grad():
-        record_check(benchmark, role, lambda: check_all(("y",), (fn(*inputs),), (want,), (base,), DTYPE))
-        hidden, _, _, _, w2 = inputs
-        T, H, I = hidden.shape[0], w2.shape[1], w2.shape[2]
-        info = peers.compile_info(fn, compiles_before)
-        run_timed(benchmark, f"moe forward {shape[0]} T={T} uniform", impl, role, lambda: fn(*inputs),
-                  flops=6.0 * T * K * H * I, prediction=_prediction(impl, "forward", inputs, rates), **info)
+        _check_and_time(benchmark, fn, impl, role, "forward", shape[0], "uniform", inputs, rates,
+                        check=lambda: check_all(("y",), (fn(*inputs),), (want,), (base,), DTYPE),
+                        call=lambda: fn(*inputs))
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
