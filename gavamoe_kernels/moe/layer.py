@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import INDEX_DTYPES, check_index_range, check_positive_int
-from .ops import moe_forward, resolve_moe_backend
+from .ops import check_moe_inputs, moe_forward, resolve_moe_backend
 
 
 def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -99,11 +99,10 @@ class ClusterGatedMoE(nn.Module):
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(f"hidden_states must have shape (..., {self.hidden_size}), got {shape}")
         ids = self.token_cluster_ids(hidden_states, cluster_ids)
-        if cluster_ids.device != hidden_states.device:
-            raise ValueError(f"cluster_ids is on {cluster_ids.device} but hidden_states is on {hidden_states.device}")
-        check_index_range("cluster_ids", cluster_ids, self.num_clusters)
         x = hidden_states.reshape(-1, self.hidden_size)
         gate, w_gate_up, w_down = (p.to(x.dtype) for p in (self.gate_weight, self.w_gate_up, self.w_down))
+        check_moe_inputs(x, ids, gate, w_gate_up, w_down, self.top_k)
+        check_index_range("cluster_ids", cluster_ids, self.num_clusters)
         backend = resolve_moe_backend(x.device, x.dtype, self.backend, self.num_experts, self.top_k)
         y, routing = moe_forward(x, ids, gate, w_gate_up, w_down, self.top_k, self.normalize, backend)
         self.aux_loss = (load_balancing_loss(routing.logits, routing.topk_ids, self.num_experts)

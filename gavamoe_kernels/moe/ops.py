@@ -221,6 +221,17 @@ def _check_experts_inputs(hidden: torch.Tensor, topk_weights: torch.Tensor, topk
     check_index_range("topk_ids", topk_ids, E)
 
 
+def check_moe_inputs(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weight: torch.Tensor,
+                     w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int) -> None:
+    """Everything of the whole layer's input but the range of the cluster ids, which the caller
+    checks on the tensor the user gave (check_index_range remembers tensors that passed)."""
+    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k)
+    _check_expert_weights(hidden, w_gate_up, w_down)
+    if gate_weight.shape[1] != w_gate_up.shape[0]:
+        raise ValueError(f"gate_weight has E={gate_weight.shape[1]} experts but w_gate_up has {w_gate_up.shape[0]}")
+    _check_slot_count(hidden.shape[0], top_k)
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -290,11 +301,7 @@ def cluster_gated_moe(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weig
                       backend: str | None = None) -> torch.Tensor:
     """route() then moe_experts(): the whole MoE layer on (T, H) tokens; see both for shapes.
     Returns y (T, H) contiguous, in hidden's dtype."""
-    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k)
-    _check_expert_weights(hidden, w_gate_up, w_down)
-    if gate_weight.shape[1] != w_gate_up.shape[0]:
-        raise ValueError(f"gate_weight has E={gate_weight.shape[1]} experts but w_gate_up has {w_gate_up.shape[0]}")
-    _check_slot_count(hidden.shape[0], top_k)
+    check_moe_inputs(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k)
     check_index_range("cluster_ids", cluster_ids, gate_weight.shape[0])
     name = resolve_moe_backend(hidden.device, hidden.dtype, backend, gate_weight.shape[1], top_k)
     return moe_forward(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k, normalize, name)[0]

@@ -57,6 +57,14 @@ def test_bad_layer_arguments_raise():
         make_layer()(torch.randn(4, 23, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="cluster_ids must be an int32/int64 tensor"):
         make_layer()(torch.randn(4, 24, device=DEVICE), [0, 1, 2, 0])
+    ids = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    for dtype in (torch.float64, torch.int32):
+        with pytest.raises(ValueError, match=r"hidden must have dtype in \(float32, bfloat16, float16\)"):
+            make_layer()(torch.zeros(4, 24, dtype=dtype, device=DEVICE), ids)
+    with pytest.raises(ValueError, match="gate_weight is on meta"):
+        make_layer().to("meta")(torch.randn(4, 24, device=DEVICE), ids)
+    with pytest.raises(ValueError, match="cluster_ids is on meta"):
+        make_layer()(torch.randn(4, 24, device=DEVICE), ids.to("meta"))
 
 
 class DenseSwiGLU(nn.Module):
