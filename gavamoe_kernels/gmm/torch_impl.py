@@ -37,22 +37,30 @@ def _prepared(z, log_pi, mu, logvar):
     return centre, mu_c, inv_var, const
 
 
+def _direct_blocks(n: int, mu_c: torch.Tensor):
+    """Row blocks of the direct form that bound its (rows, K, D) float64 copy to DIRECT_ELEMENTS."""
+    return _chunks(n, max(1, DIRECT_ELEMENTS // mu_c.numel()))
+
+
 def _direct_mahalanobis(zc, mu_c, inv_var):
     """sum_d (zc - mu_c)^2 inv_var, float64 [rows, K], in blocks that bound the (rows, K, D) copy."""
-    step = max(1, DIRECT_ELEMENTS // mu_c.numel())
+    if zc.shape[0] == 0:
+        return zc.new_empty((0, mu_c.shape[0]))
     return torch.cat([((zc[rows, None, :] - mu_c[None]).square() * inv_var[None]).sum(-1)
-                      for rows in _chunks(zc.shape[0], step)]) if zc.shape[0] else zc.new_empty((0, mu_c.shape[0]))
+                      for rows in _direct_blocks(zc.shape[0], mu_c)])
+
+
+def _loose(square, mu_term):
+    """Rows [n] where the expansion cannot hold EXPANSION_TOLERANCE, from square = zc^2 . inv_var
+    [n, K]. The expansion's rounding is about eps times the size of its terms, square + |cross| +
+    mu_term, and |cross| <= square + mu_term (Cauchy-Schwarz): a bound from each row's largest term."""
+    return 8 * torch.finfo(torch.float64).eps * (square.amax(-1) + mu_term.max()) > EXPANSION_TOLERANCE
 
 
 def _expanded(zc, mu_c, inv_var, mu_term):
-    """(maha [n, K] by the expansion, loose [n]: rows where it cannot hold EXPANSION_TOLERANCE).
-    The expansion's rounding is about eps times the size of its terms, square + |cross| + mu_term,
-    and |cross| <= square + mu_term (Cauchy-Schwarz): a bound from each row's largest term."""
+    """(maha [n, K] by the expansion, loose [n]: see _loose)."""
     square = zc.square() @ inv_var.T  # [n, K]
-    maha = square - 2 * zc @ (mu_c * inv_var).T + mu_term
-    eps = torch.finfo(torch.float64).eps
-    loose = 8 * eps * (square.amax(-1) + mu_term.max()) > EXPANSION_TOLERANCE
-    return maha, loose
+    return square - 2 * zc @ (mu_c * inv_var).T + mu_term, _loose(square, mu_term)
 
 
 def log_prob_fwd(z, log_pi, mu, logvar):
@@ -88,7 +96,7 @@ def log_prob_bwd(g, row_term, z, log_pi, mu, logvar, log_gamma):
     for rows in _chunks(z.shape[0]):
         a = g[rows].double() - torch.exp(log_gamma[rows].double()) * row_term[rows].double()[:, None]  # [n, K]
         zc = z[rows].double() - centre
-        loose = _expanded(zc, mu_c, inv_var, mu_term)[1]
+        loose = _loose(zc.square() @ inv_var.T, mu_term)
         at, zt = a[~loose], zc[~loose]
         d_z[rows][~loose] = (-(zt * (at @ inv_var) - at @ (mu_c * inv_var))).to(z.dtype)
         st, az = at.sum(0), at.T @ zt
@@ -96,11 +104,15 @@ def log_prob_bwd(g, row_term, z, log_pi, mu, logvar, log_gamma):
         m1 += az - st[:, None] * mu_c
         m2 += at.T @ zt.square() - 2 * mu_c * az + st[:, None] * mu_c.square()
         if loose.any():
-            al, diff = a[loose], zc[loose][:, None, :] - mu_c[None]  # [nl, K], [nl, K, D]
-            d_z[rows][loose] = (-(al[:, :, None] * diff * inv_var).sum(1)).to(z.dtype)
-            s += al.sum(0)
-            m1 += (al[:, :, None] * diff).sum(0)
-            m2 += (al[:, :, None] * diff.square()).sum(0)
+            a_loose, z_loose = a[loose], zc[loose]
+            d_z_loose = torch.empty_like(z_loose)
+            for part in _direct_blocks(z_loose.shape[0], mu_c):
+                al, diff = a_loose[part], z_loose[part][:, None, :] - mu_c[None]  # [nl, K], [nl, K, D]
+                d_z_loose[part] = -(al[:, :, None] * diff * inv_var).sum(1)
+                s += al.sum(0)
+                m1 += (al[:, :, None] * diff).sum(0)
+                m2 += (al[:, :, None] * diff.square()).sum(0)
+            d_z[rows][loose] = d_z_loose.to(z.dtype)
     d_mu = inv_var * m1
     d_logvar = -0.5 * (s[:, None] - inv_var * m2)
     return d_z, s.to(log_pi.dtype), d_mu.to(mu.dtype), d_logvar.to(logvar.dtype)
