@@ -19,6 +19,7 @@ from benchmarks.common import (
     DEVICE,
     ON_GPU,
     CheckFailed,
+    backward_step,
     check_all,
     generator,
     our_backends,
@@ -140,13 +141,7 @@ def test_responsibilities_forward_backward(benchmark, full_size, rates, case, im
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     z, K = leaves[0], leaves[1].shape[0]
     compiles_before = peers.compiles_so_far(fn)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        (fn(*leaves) * g).sum().backward()
-        return [t.grad for t in leaves]
-
+    step = functools.partial(backward_step(fn, leaves, g), *leaves)  # the gradients of sum(log_gamma * g)
     record_check(benchmark, role, lambda: check_all(("d z", "d log_pi", "d mu", "d logvar"), step(), want, base,
                                                     torch.float32))
     info = peers.compile_info(fn, compiles_before)

@@ -55,13 +55,17 @@ class Kernel:
     dram_bytes: float
     unit: str = "tensor"  # "tensor" or "fp32"
 
-    def seconds(self, rates: Rates) -> float:
+    def _times(self, rates: Rates) -> tuple[float, float]:
+        """(seconds of its FLOPs on its unit, seconds of its DRAM bytes)."""
         rate = rates.tensor_flops if self.unit == "tensor" else rates.fp32_flops
-        return max(self.flops / rate, self.dram_bytes / rates.copy_bytes)
+        return self.flops / rate, self.dram_bytes / rates.copy_bytes
+
+    def seconds(self, rates: Rates) -> float:
+        return max(self._times(rates))
 
     def bound(self, rates: Rates) -> str:
-        rate = rates.tensor_flops if self.unit == "tensor" else rates.fp32_flops
-        return "compute" if self.flops / rate >= self.dram_bytes / rates.copy_bytes else "memory"
+        compute, memory = self._times(rates)
+        return "compute" if compute >= memory else "memory"
 
 
 def predict(kernels: Sequence[Kernel], rates: Rates) -> dict:
@@ -356,11 +360,10 @@ def _report(rates: Rates) -> str:
     for kernel in predict(moe_training_kernels(shape, rates), rates)["kernels"]:
         lines.append(f"  {kernel['name']:<42} {kernel['flops'] / 1e12:7.3f} TFLOP {kernel['dram_bytes'] / 1e9:7.3f} GB "
                      f"{kernel['seconds'] * 1e3:7.3f} ms ({kernel['bound']})")
-    for T in (16384,):
-        r = predict(router_kernels(T, 4096, 12, 4, 2, 2), rates)
-        rb = predict(router_kernels(T, 4096, 12, 4, 2, 2, backward=True), rates)
-        lines.append(f"router T={T}: forward {r['seconds'] * 1e6:.1f} us ({r['dram_bytes'] / 1e6:.0f} MB), "
-                     f"forward+backward {rb['seconds'] * 1e6:.1f} us")
+    r = predict(router_kernels(shape.T, 4096, 12, 4, 2, 2), rates)
+    rb = predict(router_kernels(shape.T, 4096, 12, 4, 2, 2, backward=True), rates)
+    lines.append(f"router T={shape.T}: forward {r['seconds'] * 1e6:.1f} us ({r['dram_bytes'] / 1e6:.0f} MB), "
+                 f"forward+backward {rb['seconds'] * 1e6:.1f} us")
     for K in (4, 16, 64):
         g = predict(gmm_forward_kernels(1 << 22, 128, K, 4), rates)
         gb = predict(gmm_forward_kernels(1 << 22, 128, K, 4) + gmm_backward_kernels(1 << 22, 128, K, 4), rates)

@@ -74,6 +74,15 @@ def compile_info(fn, compiles_before: int) -> dict:
 # ---- MoE experts ------------------------------------------------------------------------------
 
 
+def _slot_order_and_counts(flat: torch.Tensor, E: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-slots sorted stably by expert, and the per-expert counts by index_add (not
+    bincount): no host sync, and torch.compile traces it."""
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, device=flat.device, dtype=torch.int32).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, counts
+
+
 def eager_per_expert_loop(hidden, topk_weights, topk_ids, w_gate_up, w_down):
     """The loop of Hugging Face MoE models and the GaVaMoE reference code: one boolean scan
     (and host sync) per expert, gathered copies, index_add."""
@@ -99,14 +108,10 @@ def grouped_mm_available() -> bool:
 def grouped_mm_moe(hidden, topk_weights, topk_ids, w_gate_up, w_down):
     """PyTorch's grouped GEMM (its Hopper fast path) with the same routing: sort the token-slots
     by expert, gather a permuted copy of the rows, two grouped GEMMs, SwiGLU between, scale and
-    scatter-add back. Counts by index_add (not bincount), so no host sync and torch.compile traces it."""
+    scatter-add back."""
     grouped_mm = _grouped_mm()
     k = topk_ids.shape[1]
-    E = w_gate_up.shape[0]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, device=flat.device, dtype=torch.int32).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    order, counts = _slot_order_and_counts(topk_ids.reshape(-1), w_gate_up.shape[0])
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     tokens = order // k
     pre = grouped_mm(hidden[tokens], w_gate_up.transpose(1, 2), offs=offs)  # [n, 2I]
@@ -151,10 +156,7 @@ def eager_route_with_metadata(hidden, gate_weight, cluster_ids, top_k: int):
     logits = all_logits.gather(1, cluster_ids.view(-1, 1, 1).expand(-1, 1, E)).squeeze(1).float()
     weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(E, device=flat.device, dtype=torch.int32).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    order, counts = _slot_order_and_counts(ids.reshape(-1), E)
     return weights, ids, logits, order, counts
 
 

@@ -56,6 +56,14 @@ def _time(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:.3f} ms"
 
 
+def _all_cases(runs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(case, its rows) over the suite files of a device, sorted by case."""
+    cases: dict[str, list[dict]] = {}
+    for run in runs:
+        cases.update(_rows(run))
+    return sorted(cases.items())
+
+
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -92,10 +100,7 @@ def markdown(runs: list[dict]) -> str:
               "against the copy of equal bytes, both in this run. `predicted`: the traffic model "
               "(benchmarks/model.py) at this run's measured rates, and measured / predicted. `speedup`: the best "
               "gavamoe row over that row.", ""]
-    cases = {}
-    for run in runs:
-        cases.update(_rows(run))
-    for case, rows in sorted(cases.items()):
+    for case, rows in _all_cases(runs):
         limit, best = _limit(rows), _best_ours(rows)
         lines += [f"## {case}", "",
                   "| implementation | role | median | TFLOP/s | GB/s | % of limit | predicted | measured / predicted "
@@ -123,11 +128,8 @@ def chart(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    cases = {}
-    for run in runs:
-        cases.update(_rows(run))
     labels, values, colours = [], [], []
-    for case, rows in sorted(cases.items()):
+    for case, rows in _all_cases(runs):
         best = _best_ours(rows)
         if best is None:
             continue

@@ -69,6 +69,16 @@ def _pytest_speedups(workers: int) -> list[str]:
     return out
 
 
+def _cuda_or_dry_run(command: str, dry_run: bool) -> bool:
+    """A real run needs a CUDA device; on a CPU machine only --dry-run goes on."""
+    import torch
+
+    if dry_run or torch.cuda.is_available():
+        return True
+    print(f"runbook {command}: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
+    return False
+
+
 def environment_lines() -> list[str]:
     import torch
 
@@ -115,10 +125,7 @@ def final_line(log: Path) -> str:
 
 
 def check(results: Path, dry_run: bool) -> int:
-    import torch
-
-    if not dry_run and not torch.cuda.is_available():
-        print("runbook check: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
+    if not _cuda_or_dry_run("check", dry_run):
         return 2
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="gavamoe-runbook-"))
@@ -157,15 +164,10 @@ def check(results: Path, dry_run: bool) -> int:
 
 
 def bench(suite: str, results: Path, dry_run: bool, select: str | None = None) -> int:
-    import torch
-
-    if not dry_run and not torch.cuda.is_available():
-        print("runbook bench: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
+    if not _cuda_or_dry_run("bench", dry_run):
         return 2
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", f"benchmarks/bench_{suite}.py",
-           "--benchmark", f"--results={results}", "--durations=10"]
-    if _has("pytest_timeout"):
-        cmd.append(f"--timeout={PER_TEST_TIMEOUT_S}")
+           "--benchmark", f"--results={results}", "--durations=10", *_pytest_speedups(1)]  # one worker: timings
     if select:
         cmd += ["-k", select]
     if dry_run:

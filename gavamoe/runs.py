@@ -98,6 +98,10 @@ class Run:
     def stage2_dir(self) -> Path:
         return self.path / "stage2"
 
+    @property
+    def stage2_checkpoint(self) -> Path:
+        return self.stage2_dir / "checkpoint.pt"
+
     def config(self) -> dict:
         if not self.config_path.exists():
             raise UserInputError(f"{self.path} is not a gavamoe run: it has no config.json "

@@ -82,9 +82,17 @@ class Stage2Config:
         check_device(self.device)
 
 
+# fields named as in stage 1, whose command-line flags carry a "stage2-" prefix (--stage2-lr)
+PREFIXED_FIELDS = ("epochs", "batch_size", "lr", "weight_decay")
+
+
+def flag_dest(name: str) -> str:
+    """The argparse destination of a Stage2Config field: the field, or stage2_<field>."""
+    return "stage2_" + name if name in PREFIXED_FIELDS else name
+
+
 def _flag(name: str) -> str:
-    return name.replace("_", "-") if name not in ("epochs", "batch_size", "lr", "weight_decay") else \
-        "stage2-" + name.replace("_", "-")
+    return flag_dest(name).replace("_", "-")
 
 
 @dataclass
@@ -221,17 +229,13 @@ class _Training:
     state: dict
     seconds: float = 0.0
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run.stage2_dir / "checkpoint.pt"
-
 
 def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
     """Model from stage 1, tokenizer, encoded training split, optimiser and schedule; the state
     of a checkpoint with ``resume`` (loaded with weights_only: a checkpoint cannot run code)."""
     run = Run(out_dir)
     stage1_sha256 = run.stage1_sha256()
-    checkpoint_path = run.stage2_dir / "checkpoint.pt"
+    checkpoint_path = run.stage2_checkpoint
     if config.resume and not checkpoint_path.exists():
         raise UserInputError(f"--resume: {checkpoint_path} not found")
     ctx = distributed_context(config.device)
@@ -311,7 +315,7 @@ def _loop(t: _Training) -> bool:
                 state["epoch"], state["micro_step"] = epoch + 1, 0
             stop = config.stop_after and steps_this_call >= config.stop_after and state["step"] < t.total_steps
             if ctx.main and (state["step"] % config.checkpoint_every == 0 or done or stop):
-                _save_checkpoint(t.checkpoint_path, t.model, t.optimizer, t.scheduler,
+                _save_checkpoint(t.run.stage2_checkpoint, t.model, t.optimizer, t.scheduler,
                                  {**state, "stage1_sha256": t.stage1_sha256})
             if stop:
                 bar.close()

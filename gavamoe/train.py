@@ -19,7 +19,7 @@ from .errors import run_cli
 from .models.explainer import ExplainerConfig
 from .runs import DataSpec, Run
 from .stage1 import Stage1Config, train_stage1
-from .stage2 import Stage2Config, distributed_context, train_stage2
+from .stage2 import Stage2Config, distributed_context, flag_dest, train_stage2
 
 # On the default synthetic data (2,000 users, 32,000 training records) 768-wide embeddings
 # overfit: test RMSE 0.578, ARI 0.276 in 386 s, against 0.519, ARI 0.585 in 43 s at 128.
@@ -27,15 +27,6 @@ SYNTHETIC_EMBED_DIM = 128
 SHARED = ("seed", "device", "beta")  # one flag for both stages
 # the explainer's fields with a flag (the others, num_clusters and the tiny LLaMA's shape, are not flags)
 EXPLAINER_FLAGS = ("base_model", "num_experts", "top_k", "expert_intermediate", "multi_gating", "dense", "lora_rank")
-# stage 2 fields with a flag of their own; the others share the stage-1 name with a "stage2-" prefix
-STAGE2_OWN = {"grad_accum", "warmup_ratio", "clip", "alpha", "aux_coef", "max_explanation_tokens", "vocab_size",
-              "checkpoint_every", "stop_after", "resume"}
-
-
-def _stage2_flag(name: str) -> str:
-    return name if name in STAGE2_OWN or name in SHARED else "stage2_" + name
-
-
 def _add_field(group, dest: str, field, default, help_text: str | None = None) -> None:
     flag = "--" + dest.replace("_", "-")
     if isinstance(default, bool):
@@ -84,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             _add_field(s2, f.name, f, getattr(d2.explainer, f.name), HELP.get(f.name))
     for f in fields(Stage2Config):
         if f.name not in SHARED and f.name != "explainer":
-            _add_field(s2, _stage2_flag(f.name), f, getattr(d2, f.name), HELP.get(f.name))
+            _add_field(s2, flag_dest(f.name), f, getattr(d2, f.name), HELP.get(f.name))
     return p.parse_args(argv)
 
 
@@ -94,7 +85,7 @@ def stage1_config(args: argparse.Namespace) -> Stage1Config:
 
 def stage2_config(args: argparse.Namespace) -> Stage2Config:
     explainer = ExplainerConfig(**{name: getattr(args, name) for name in EXPLAINER_FLAGS})
-    return Stage2Config(explainer=explainer, **{f.name: getattr(args, _stage2_flag(f.name))
+    return Stage2Config(explainer=explainer, **{f.name: getattr(args, flag_dest(f.name))
                                                 for f in fields(Stage2Config) if f.name != "explainer"})
 
 

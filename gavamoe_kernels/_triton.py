@@ -87,6 +87,18 @@ def tuned(configs: list[triton.Config], key: list[str], default: dict, interpret
     return lambda fn: triton.autotune(configs=chosen, key=key)(fn)
 
 
+def row_chunks(rows: int, block: int, tiles: int, device: torch.device, programs: int,
+               cpu_chunks: int) -> tuple[int, int]:
+    """(chunks, rows per chunk) for a kernel that sums over rows in chunks and adds the chunk
+    partials in a fixed order: each chunk a multiple of ``block`` rows (at least 4 blocks when
+    there are rows enough), about ``programs`` programs in all with ``tiles`` per chunk on a
+    GPU, ``cpu_chunks`` chunks under the interpreter."""
+    chunks = max(1, min(triton.cdiv(rows, 4 * block), triton.cdiv(programs, tiles) if device.type == "cuda"
+                        else cpu_chunks))
+    per_chunk = triton.cdiv(triton.cdiv(rows, chunks), block) * block
+    return triton.cdiv(rows, per_chunk), per_chunk
+
+
 def rows_bucket(rows: int) -> int:
     """Autotune-key bucket of the rows an expert gets: powers of two from 16 to 16384, so the
     first batch size seen does not fix the configuration for every other."""

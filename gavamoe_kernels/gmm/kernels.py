@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import INTERPRET, pow2
+from .._triton import INTERPRET, pow2, row_chunks
 
 LOG_2PI = math.log(2 * math.pi)
 EXPANSION_LIMIT = 16.0  # largest muc^2 / var for which the moments are taken as dots
@@ -291,9 +291,7 @@ def log_prob_bwd(g, row_term, z, log_pi, mu, logvar, log_gamma):
     mom_n, mom_k, mom_d = (16, 16, 16) if INTERPRET else (64, min(32, pow2(K, 16)), min(64, pow2(D, 16)))
     centre = mu32.mean(0).contiguous()
     tiles = triton.cdiv(K, mom_k) * triton.cdiv(D, mom_d)
-    chunks = max(1, min(triton.cdiv(N, 4 * mom_n), triton.cdiv(1024, tiles) if z.is_cuda else 4))
-    rows_per_program = triton.cdiv(triton.cdiv(N, chunks), mom_n) * mom_n
-    chunks = triton.cdiv(N, rows_per_program)
+    chunks, rows_per_program = row_chunks(N, mom_n, tiles, z.device, programs=1024, cpu_chunks=4)
     s = torch.empty((chunks, K), device=z.device, dtype=torch.float32)
     m1 = torch.empty((chunks, K, D), device=z.device, dtype=torch.float32)
     m2 = torch.empty_like(m1)

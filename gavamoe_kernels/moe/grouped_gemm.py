@@ -373,6 +373,17 @@ def _persistent_grid(n: int, E: int, N: int, device: torch.device, block_m: int 
     return grid
 
 
+def _launch(decode, prefill, args: tuple, meta: dict, n: int, E: int, N: int, T: int, device: torch.device) -> None:
+    """Launch a persistent kernel over n sorted rows and N columns. Decoding (T <= 64): one row
+    tile per active expert (BLOCK_M = next_pow2(T)); otherwise the tuned tiles, keyed by the
+    bucket of rows per expert."""
+    if T <= DECODE_MAX_TOKENS:
+        block_m = pow2(T, 16)
+        decode[_persistent_grid(n, E, N, device, block_m)](*args, ROWS_BUCKET=block_m, BLOCK_M=block_m, **meta)
+    else:
+        prefill[_persistent_grid(n, E, N, device)](*args, ROWS_BUCKET=rows_bucket(n // E), **meta)
+
+
 def _use_tma(weight: torch.Tensor) -> bool:
     """TMA loads (GAVAMOE_TMA=1) need contiguous weights with 16-byte aligned rows, on a GPU or
     under the interpreter."""
@@ -400,12 +411,7 @@ def _sorted_matmul(a, b, b_strides, b_kmajor: bool, counts, E: int, T: int, N: i
     args = (a, a.stride(0), a.stride(1), b, *b_strides, out, out.stride(0), counts)
     common = dict(N=N, K=K, E=E, PRECISION=precision(a.dtype), USE_TMA=_use_tma(b), B_KMAJOR=b_kmajor,
                   BLOCK_E=pow2(E), GROUP_M=GROUP_M)
-    if T <= DECODE_MAX_TOKENS:
-        block_m = pow2(T, 16)
-        _mm_decode[_persistent_grid(n, E, N, a.device, block_m)](*args, ROWS_BUCKET=block_m, BLOCK_M=block_m,
-                                                                 **common)
-    else:
-        _mm_prefill[_persistent_grid(n, E, N, a.device)](*args, ROWS_BUCKET=rows_bucket(n // E), **common)
+    _launch(_mm_decode, _mm_prefill, args, common, n, E, N, T, a.device)
     return out
 
 
@@ -433,12 +439,7 @@ def experts_fwd(hidden, topk_weights, topk_ids, w_gate_up, w_down, save_for_back
     )
     up_meta = dict(H=H, I=I, E=E, TOP_K=k, STORE_PRE=save_for_backward, PRECISION=precision(hidden.dtype),
                    USE_TMA=_use_tma(w_gate_up), BLOCK_E=pow2(E), GROUP_M=GROUP_M)
-    if T <= DECODE_MAX_TOKENS:
-        block_m = pow2(T, 16)
-        _up_decode[_persistent_grid(n, E, I, hidden.device, block_m)](*up_args, ROWS_BUCKET=block_m,
-                                                                      BLOCK_M=block_m, **up_meta)
-    else:
-        _up_prefill[_persistent_grid(n, E, I, hidden.device)](*up_args, ROWS_BUCKET=rows_bucket(n // E), **up_meta)
+    _launch(_up_decode, _up_prefill, up_args, up_meta, n, E, I, T, hidden.device)
     # w_down[e] is [H, I]: read as B = Wd_e.T of shape [I, H], K (= I) contiguous
     out = _sorted_matmul(act, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), True,
                          counts, E, T, N=H, K=I)

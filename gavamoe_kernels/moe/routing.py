@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import INTERPRET, pow2, precision
+from .._triton import INTERPRET, pow2, precision, row_chunks
 
 MAX_GATE_COLS = 256  # C * E_pad columns in one dot tile; wider gates take the per-cluster path
 
@@ -41,6 +41,14 @@ def _spread_to_clusters(dl, cid, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, B
 
 
 @triton.jit
+def _gate_rows(BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Cluster and expert of each of the BC * BE rows of the padded all-cluster gate matrix
+    (row j = c * BE + e)."""
+    rj = tl.arange(0, BLOCK_C * BLOCK_E)
+    return rj // BLOCK_E, rj % BLOCK_E
+
+
+@triton.jit
 def _gate_logits(
     x_ptr, stride_xt, stride_xh, rt64, t_mask,
     w_ptr, stride_wc, stride_we, stride_wh,
@@ -51,9 +59,7 @@ def _gate_logits(
     """logits[t, e] = sum_h W[c_t, e, h] x[t, h] in fp32 for a tile of tokens; [BT, BE]."""
     re = tl.arange(0, BLOCK_E)
     if ALL_CLUSTERS:
-        rj = tl.arange(0, BLOCK_C * BLOCK_E)  # gate row j = c * BE + e
-        jc = rj // BLOCK_E
-        je = rj % BLOCK_E
+        jc, je = _gate_rows(BLOCK_C, BLOCK_E)
         w_rows = w_ptr + jc.to(tl.int64) * stride_wc + je * stride_we
         j_mask = (jc < C) & (je < E)
         acc = tl.zeros([BLOCK_T, BLOCK_C * BLOCK_E], tl.float32)  # [BT, BC*BE]
@@ -198,9 +204,7 @@ def _route_bwd_hidden_kernel(
         tl.store(dl_out_ptr + rt64[:, None] * stride_lt + re[None, :], d_l, mask=t_mask[:, None] & (re < E)[None, :])
     dot_dtype = w_ptr.dtype.element_ty
     if ALL_CLUSTERS:
-        rj = tl.arange(0, BLOCK_C * BLOCK_E)
-        jc = rj // BLOCK_E
-        je = rj % BLOCK_E
+        jc, je = _gate_rows(BLOCK_C, BLOCK_E)
         w = tl.load(w_ptr + jc.to(tl.int64)[:, None] * stride_wc + je[:, None] * stride_we + rh[None, :] * stride_wh,
                     mask=((jc < C) & (je < E))[:, None] & h_mask[None, :], other=0.0)  # [BC*BE, BH]
         wide = _spread_to_clusters(d_l, cid, BLOCK_T, BLOCK_C, BLOCK_E).to(dot_dtype)  # [BT, BC*BE]
@@ -251,9 +255,7 @@ def _route_bwd_gate_kernel(
                         mask=t_mask[:, None] & h_mask[None, :], other=0.0)  # [BT, BH]
             wide = _spread_to_clusters(d_l, cid, BLOCK_T, BLOCK_C, BLOCK_E).to(dot_dtype)
             acc = tl.dot(tl.trans(wide), x, acc, input_precision=PRECISION)
-        rj = tl.arange(0, BLOCK_C * BLOCK_E)
-        jc = rj // BLOCK_E
-        je = rj % BLOCK_E
+        jc, je = _gate_rows(BLOCK_C, BLOCK_E)
         tl.store(out + (jc * E + je)[:, None].to(tl.int64) * H + rh[None, :], acc,
                  mask=((jc < C) & (je < E))[:, None] & h_mask[None, :])
     else:
@@ -334,9 +336,7 @@ def route_bwd(d_weights, d_logits, hidden, gate_weight, cluster_ids, topk_weight
     )
     # token chunks: enough programs to fill a GPU, each chunk a multiple of BLOCK_T tokens
     h_tiles = triton.cdiv(H, block_h)
-    chunks = max(1, min(triton.cdiv(T, 4 * blocks["BLOCK_T"]), triton.cdiv(512, h_tiles) if hidden.is_cuda else 2))
-    per_chunk = triton.cdiv(triton.cdiv(T, chunks), blocks["BLOCK_T"]) * blocks["BLOCK_T"]
-    chunks = triton.cdiv(T, per_chunk)
+    chunks, per_chunk = row_chunks(T, blocks["BLOCK_T"], h_tiles, hidden.device, programs=512, cpu_chunks=2)
     partial = torch.empty((chunks, C, E, H), device=hidden.device, dtype=torch.float32)
     _route_bwd_gate_kernel[(h_tiles, chunks)](
         d_l, d_l.stride(0),
