@@ -1,9 +1,11 @@
 """python -m gavamoe.generate --run RUN_DIR --split test --out PRED.jsonl
 
 Explanations from a trained run (RUN_DIR/stage2/model.pt) for one split of the run's data:
-batched, left-padded prompts, the KV cache, greedy by default or sampling (--sample with
---temperature / --top-p). Writes one JSON object per line: user, item, cluster, features,
-reference, generated (and rating, user_train_count for the sparsity breakdown).
+batched, left-padded prompts, the KV cache, each pair routed by the cluster stage 2 trained it
+with (RUN_DIR/stage2/clusters.pt). Decoding as the run's preset says (default: greedy; paper:
+sampling at temperature 0.7 for 30 new tokens) or as --sample / --temperature / --top-p /
+--max-new-tokens say. Writes one JSON object per line: user, item, cluster, features, reference,
+generated (and rating, user_train_count for the sparsity breakdown).
 """
 
 from __future__ import annotations
@@ -35,23 +37,33 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[Explainer, object, Rev
     return model.to(device).eval(), tokenizer, data, config
 
 
+# decoding per preset (gavamoe.train --preset): the paper samples at temperature 0.7 for 30 new
+# tokens (released code); None: the training length cap + 1
+DECODING = {"default": {"sample": False, "temperature": 1.0, "max_new_tokens": None},
+            "paper": {"sample": True, "temperature": 0.7, "max_new_tokens": 30}}
+
+
 def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size: int = 64, max_new_tokens: int = 33,
                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                   max_explanation_tokens: int = 32) -> tuple[list[str], list[int]]:
-    """(generated texts, stage-1 clusters) for ``records``, in their order."""
+                   max_explanation_tokens: int = 32, sentiment: str = "rating",
+                   clusters: torch.Tensor | None = None) -> tuple[list[str], list[int]]:
+    """(generated texts, clusters routed by) for ``records``, in their order; ``clusters`` (n,):
+    the records' clusters (default: the VAE's assignment)."""
     device = next(model.parameters()).device
-    split = text_data.encode(records, tokenizer, max_explanation_tokens)
-    texts, clusters = [], []
+    split = text_data.encode(records, tokenizer, max_explanation_tokens, sentiment, clusters)
+    texts, routed = [], []
     for s in tqdm(range(0, len(split), batch_size), desc="generate", disable=None, mininterval=0.5):
         batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        cluster = model.cluster_ids(batch["users"], batch["items"])
+        cluster = batch.pop("clusters", None)
+        if cluster is None:
+            cluster = model.cluster_ids(batch["users"], batch["items"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.generate(**batch, gate_ids=model.gate_ids(cluster), max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p)
         texts += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-        clusters += cluster.tolist()
-    return texts, clusters
+        routed += cluster.tolist()
+    return texts, routed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,9 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--out", required=True, type=Path, help="JSONL file to write")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the training length cap + 1")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--preset", choices=sorted(DECODING), default=None,
+                   help="decoding of a preset (default: the preset the run was trained with)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the preset's (default preset: the "
+                                                                      "training length cap + 1)")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample instead of greedy decoding (default: the preset's)")
+    p.add_argument("--temperature", type=float, default=None, help="default: the preset's")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="only the first N records of the split")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserInputError(f"--limit must be non-negative, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+    if (args.temperature is not None and args.temperature <= 0) or not 0 < args.top_p <= 1:
         raise UserInputError("--temperature must be positive and --top-p in (0, 1]")
     check_device(args.device)
     return args
@@ -96,9 +112,18 @@ def main(argv=None) -> int:
     model, tokenizer, data, config = load_run(args.run, args.device)
     _check_writable(args.out)
     records = data.split(args.split)[:args.limit]
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else config["max_explanation_tokens"] + 1
-    texts, clusters = generate_split(model, tokenizer, records, args.batch_size, max_new, args.sample,
-                                     args.temperature, args.top_p, config["max_explanation_tokens"])
+    decoding = DECODING[args.preset or config.get("preset", "default")]
+    chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in decoding.items()}
+    max_new = chosen["max_new_tokens"] or config["max_explanation_tokens"] + 1
+    table = None
+    if not config.get("reassign_clusters", True):
+        path = Run(args.run).stage2_clusters
+        if not path.exists():
+            raise UserInputError(f"{path} not found: stage 2 routed by it; train stage 2 again (--stage 2)")
+        table = torch.load(path, weights_only=True)[args.split][:args.limit]
+    texts, clusters = generate_split(model, tokenizer, records, args.batch_size, max_new, chosen["sample"],
+                                     chosen["temperature"], args.top_p, config["max_explanation_tokens"],
+                                     config.get("sentiment", "template"), table)
     with open(args.out, "w") as f:
         for record, generated, cluster in zip(records, texts, clusters, strict=True):
             f.write(json.dumps({"user": record["user"], "item": record["item"], "cluster": cluster,

@@ -6,7 +6,7 @@ stage 1 has since changed, or whose data files changed, is refused.
     RUN/config.json          {"data": {...spec, "fingerprint"}, "stage1": {"config", "model_sha256"},
                               "stage2": {"config", "stage1_sha256"}}
     RUN/stage1/              model.pt, assignments.csv, metrics.json, plots
-    RUN/stage2/              model.pt, tokenizer/, metrics.json, checkpoint.pt, loss_curve.png
+    RUN/stage2/              model.pt, tokenizer/, clusters.pt, metrics.json, checkpoint.pt, loss_curve.png
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ class Run:
     @property
     def stage2_dir(self) -> Path:
         return self.path / "stage2"
+
+    @property
+    def stage2_clusters(self) -> Path:
+        return self.stage2_dir / "clusters.pt"
 
     @property
     def stage2_checkpoint(self) -> Path:

@@ -11,13 +11,21 @@ embeddings, the two projections, the LLM including every gate and expert), excep
 ``lora_rank > 0``, where the base LLM's own weights freeze and only the LoRA adapters on
 attention, the MoE gates and experts, the projections and the VAE train.
 
-Writes RUN_DIR/stage2/{model.pt, tokenizer/, metrics.json, loss_curve.png} and, while it
-runs, checkpoint.pt, from which ``resume=True`` continues exactly where it stopped.
+Routing (paper: the gates are the stage-1 clusters): every training pair goes through the gate of
+its cluster in stage1/assignments.csv, every other pair of the data through the gate of one
+assignment by the VAE as it stands when stage 2 starts; the table is stored as clusters.pt and
+generation routes by it too. ``reassign_clusters=True`` instead reassigns every pair at every step
+with the VAE as it trains (metrics.json reports, either way, how many training pairs the final VAE
+would put in another cluster than stage 1 did).
+
+Writes RUN_DIR/stage2/{model.pt, tokenizer/, clusters.pt, metrics.json, loss_curve.png} and, while
+it runs, checkpoint.pt, from which ``resume=True`` continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import math
@@ -56,14 +64,21 @@ class Stage2Config:
     # the Switch/Mixtral load-balancing coefficient (their 0.01)
     aux_coef: float = 0.01
     max_explanation_tokens: int = 32
+    # the prompt's positive / negative: "rating" (>= 3, the paper's input) or the template's sentiment
+    sentiment: str = "rating"
+    # True: every step routes each pair by the VAE's current cluster (not the fixed stage-1 table)
+    reassign_clusters: bool = False
     vocab_size: int = 4000  # of the embedded tokenizer
     checkpoint_every: int = 200  # optimizer steps
     stop_after: int = 0  # > 0: stop after this many optimizer steps in this call (a checkpoint is written)
     resume: bool = False
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    preset: str = "default"  # set by gavamoe.train --preset; generation decodes as the preset says
 
     def __post_init__(self):
+        if self.sentiment not in text_data.SENTIMENTS:
+            raise UserInputError(f"--sentiment must be one of {', '.join(text_data.SENTIMENTS)}, got {self.sentiment}")
         if isinstance(self.explainer, dict):  # read back from a run's config.json
             self.explainer = ExplainerConfig(**self.explainer)
         for name in ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
@@ -134,7 +149,8 @@ def _tokenizer(config: Stage2Config, data: ReviewData, stage_dir: Path, ctx: _Di
     if ctx.main and not (config.resume and saved.exists()):
         if config.explainer.base_model is None:
             train = data.split("train")[:50000]
-            texts = [text_data.prompt_text(r, None) + " " + text_data.explanation(r) for r in train]
+            texts = [text_data.prompt_text(r, None, config.sentiment) + " " + text_data.explanation(r)
+                     for r in train]
             tokenizer = text_data.train_tokenizer(texts, config.vocab_size)
         else:
             tokenizer = load_tokenizer(config.explainer.base_model)
@@ -147,6 +163,42 @@ def build_explainer(config: Stage2Config, vae: VaeGmm, tokenizer) -> Explainer:
     """The explainer on stage 1's VAE: one gate per stage-1 cluster."""
     explainer_config = replace(config.explainer, num_clusters=vae.config.num_clusters)
     return Explainer(explainer_config, vae, load_language_model(explainer_config, tokenizer), tokenizer)
+
+
+def stage1_clusters(run: Run, data: ReviewData) -> torch.Tensor:
+    """The training records' clusters from stage1/assignments.csv, checked against the run's
+    training split (same records in the same order)."""
+    path = run.path / "stage1" / "assignments.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    train = data.split("train")
+    if len(rows) != len(train) or any([u, i] != [str(r["user"]), str(r["item"])]
+                                      for (u, i, _), r in zip(rows, train, strict=False)):
+        raise UserInputError(f"{path} does not list the run's training records in order; re-run stage 1")
+    return torch.tensor([int(c) for _, _, c in rows], dtype=torch.long)
+
+
+@torch.no_grad()
+def cluster_table(run: Run, data: ReviewData, vae: VaeGmm) -> dict[str, torch.Tensor]:
+    """Each split's per-record clusters: stage 1's for the training records, one assignment by
+    ``vae`` (as it stands now, fp32) for the validation and test records."""
+    table = {"train": stage1_clusters(run, data)}
+    for name in ("validation", "test"):
+        tensors = data.tensors(name)
+        table[name] = vae.assign_clusters(tensors["user"], tensors["item"]).cpu()
+    return table
+
+
+def _load_cluster_table(run: Run, data: ReviewData, vae: VaeGmm, config: Stage2Config, ctx: _Dist):
+    """The fixed table of this stage 2 (None with ``reassign_clusters``): computed and stored once
+    at the start (rank 0), read back on resume and by the other ranks."""
+    if config.reassign_clusters:
+        return None
+    path = run.stage2_clusters
+    if ctx.main and not (config.resume and path.exists()):
+        torch.save(cluster_table(run, data, vae), path)
+    ctx.barrier()
+    return torch.load(path, weights_only=True)
 
 
 def _schedule(total_steps: int, warmup_ratio: float):
@@ -222,6 +274,7 @@ class _Training:
     model: Explainer
     ddp: torch.nn.Module
     train: text_data.EncodedSplit
+    clusters: dict[str, torch.Tensor] | None  # the fixed table, None with reassign_clusters
     params: list
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -247,7 +300,9 @@ def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
     tokenizer = _tokenizer(config, data, run.stage2_dir, ctx)
     vae = VaeGmm.from_checkpoint(torch.load(run.stage1_model, weights_only=True, map_location="cpu"))
     model = build_explainer(config, vae, tokenizer).to(device)
-    train = text_data.encode(data.split("train"), tokenizer, config.max_explanation_tokens)
+    clusters = _load_cluster_table(run, data, model.vae, config, ctx)
+    train = text_data.encode(data.split("train"), tokenizer, config.max_explanation_tokens, config.sentiment,
+                             None if clusters is None else clusters["train"])
     micro_per_epoch = len(_epoch_batches(len(train), 0, config, ctx))
     total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -271,8 +326,8 @@ def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
     if ctx.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Training(config, ctx, device, run, stage1_sha256, tokenizer, model, ddp, train, params, optimizer,
-                     scheduler, total_steps, state)
+    return _Training(config, ctx, device, run, stage1_sha256, tokenizer, model, ddp, train, clusters, params,
+                     optimizer, scheduler, total_steps, state)
 
 
 def _loop(t: _Training) -> bool:
@@ -340,9 +395,14 @@ def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
         return None
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
-    validation = text_data.encode(data.split("validation"), t.tokenizer, config.max_explanation_tokens)
+    validation = text_data.encode(data.split("validation"), t.tokenizer, config.max_explanation_tokens,
+                                  config.sentiment, None if t.clusters is None else t.clusters["validation"])
     history = t.state["history"]
+    train = data.tensors("train")
+    now = t.model.cluster_ids(train["user"], train["item"]).cpu()
     metrics = {"validation": explanation_nll(t.model, validation, config.batch_size, t.device),
+               "routing": "reassigned every step" if t.clusters is None else "fixed stage-1 clusters",
+               "clusters_changed_since_stage1": float((now != stage1_clusters(t.run, data)).float().mean()),
                "steps": t.state["step"], "world_size": ctx.world, "weight_sha256": digests,
                "train_tokens_per_s": sum(h["tokens_per_s"] for h in history[-50:]) / max(1, len(history[-50:])),
                "seconds_this_call": t.seconds, "final_loss": history[-1] if history else None}

@@ -76,3 +76,38 @@ def make_synthetic(num_users: int = 2000, num_items: int = 1500, num_records: in
         records.append({"user": f"u{users[n]}", "item": f"i{items[n]}", "rating": float(ratings[n]),
                         "template": (feature, adjective, sentence, 1 if positive else -1), "group": g})
     return build(records, random_splits(num_records, seed), "the synthetic data")
+
+
+PLANTED_KINDS = ("taste", "level")
+
+
+def planted_reviews(num_users: int = 600, num_items: int = 500, num_records: int = 12000, num_groups: int = 4,
+                    kind: str = "taste", seed: int = 1) -> list[dict]:
+    """PETER-format records (with ``group``) from a generator independent of make_synthetic, for
+    checking that stage 1 recovers user groups on data it was not tuned on. Items fall in 10
+    categories; a group's rating of an item is 3.2 + level[g] + taste[g, category] + item
+    quality + N(0, 0.5), rounded and clipped to 1..5. "taste": groups differ only in taste
+    (N(0, 1.2) per category); "level": also in level (-1 to 1) with milder taste (N(0, 0.8))."""
+    if kind not in PLANTED_KINDS:
+        raise UserInputError(f"kind must be one of {PLANTED_KINDS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    user_group = rng.integers(0, num_groups, num_users)
+    categories = 10
+    item_category = rng.integers(0, categories, num_items)
+    quality = rng.normal(0, 0.5, num_items)
+    taste = rng.normal(0, 1.2 if kind == "taste" else 0.8, (num_groups, categories))
+    level = np.zeros(num_groups) if kind == "taste" else np.linspace(-1, 1, num_groups)
+    users = rng.integers(0, num_users, num_records)
+    items = rng.integers(0, num_items, num_records)
+    groups = user_group[users]
+    noisy = 3.2 + level[groups] + taste[groups, item_category[items]] + quality[items] + rng.normal(0, 0.5, num_records)
+    ratings = np.clip(np.rint(noisy), 1, 5)
+    records = []
+    for n in range(num_records):
+        feature = f"aspect{item_category[items[n]]}"
+        positive = ratings[n] >= 3
+        adjective = "good" if positive else "bad"
+        records.append({"user": f"U{users[n]}", "item": f"I{items[n]}", "rating": float(ratings[n]),
+                        "template": (feature, adjective, f"the {feature} is {adjective}", 1 if positive else -1),
+                        "group": int(groups[n])})
+    return records

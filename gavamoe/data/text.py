@@ -1,10 +1,12 @@
 """Stage 2 text: the explanation prompt, the embedded tokenizer, and padded batches.
 
-The prompt follows the paper's Fig. 2: a system sentence, then "The user has a {positive /
-negative} experience with the item, the item has {features} features, please provide an
-explanation for recommending <item> to <user>." The two placeholder tokens ``<user>`` and
-``<item>`` are where the explainer splices in the projected stage-1 embeddings. As in PEPLER's
-feature-prompt setting, the feature and the sentiment come from the record's template.
+The prompt follows the paper's Fig. 2: the released code's system sentence, then "The user has a
+{positive / negative} experience with the item, the item has {features} features, please provide
+an explanation for recommending <item> to <user>." The two placeholder tokens ``<user>`` and
+``<item>`` are where the explainer splices in the projected stage-1 embeddings. The feature comes
+from the record's template (PEPLER's feature-prompt setting); the sentiment from the rating, the
+paper's input (positive when rating >= 3, as the released code), or with ``sentiment="template"``
+from the template's sentiment.
 
 Special tokens come only from the prompt template. A record's own text (its feature and its
 explanation) is encoded as plain text: a review that contains ``</s>`` or ``<user>`` gets the
@@ -18,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-SYSTEM_PROMPT = "You are a recommender system that tells each user why an item suits them."
+# the released GaVaMoE code's system sentence, verbatim
+SYSTEM_PROMPT = ("You are a professional explainer, Your assignment involves providing users with a detailed "
+                 "explanation regarding a specific item.")
+SENTIMENTS = ("rating", "template")  # where the prompt's positive / negative comes from
 INSTRUCTION = ("The user has a {sentiment} experience with the item, the item has {features} features, "
                "please provide an explanation for recommending {item} to {user}.")
 USER_TOKEN, ITEM_TOKEN = "<user>", "<item>"
@@ -34,10 +39,15 @@ def explanation(record: dict) -> str:
     return str(record["template"][2])
 
 
-def positive(record: dict) -> bool:
-    """The template's sentiment (+1 / -1 in PETER data); the rating where it is missing."""
-    sentiment = record["template"][3]
-    return float(sentiment) > 0 if sentiment is not None else float(record["rating"]) >= 3
+def positive(record: dict, sentiment: str = "rating") -> bool:
+    """"rating": rating >= 3 (the released code's rule); "template": the template's sentiment
+    (+1 / -1 in PETER data), the rating where it is missing."""
+    if sentiment not in SENTIMENTS:
+        raise ValueError(f"sentiment must be one of {SENTIMENTS}, got {sentiment!r}")
+    mark = record["template"][3]
+    if sentiment == "template" and mark is not None:
+        return float(mark) > 0
+    return float(record["rating"]) >= 3
 
 
 FEATURE_SLOT = "\x00feature\x00"  # where the record's feature goes in a rendered prompt
@@ -52,10 +62,10 @@ def _render(features: str, is_positive: bool, tokenizer) -> str:
     return f"{SYSTEM_PROMPT} {instruction}"
 
 
-def prompt_text(record: dict, tokenizer) -> str:
+def prompt_text(record: dict, tokenizer, sentiment: str = "rating") -> str:
     """The prompt of one record, through the tokenizer's chat template when it has one (as text:
     what the tokenizer is trained on and what a reader sees; encode() tokenises it safely)."""
-    return _render(feature(record), positive(record), tokenizer)
+    return _render(feature(record), positive(record, sentiment), tokenizer)
 
 
 def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -63,7 +73,7 @@ def _plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
 
 
-def prompt_ids(records: list[dict], tokenizer) -> list[list[int]]:
+def prompt_ids(records: list[dict], tokenizer, sentiment: str = "rating") -> list[list[int]]:
     """Prompt token ids: the template's pieces with their special tokens, the feature as plain text."""
     pieces = {}
     for is_positive in (True, False):
@@ -73,7 +83,7 @@ def prompt_ids(records: list[dict], tokenizer) -> list[list[int]]:
     features = _plain_ids(tokenizer, [feature(r) for r in records])
     out = []
     for record, feature_ids in zip(records, features, strict=True):
-        before, after = pieces[positive(record)]
+        before, after = pieces[positive(record, sentiment)]
         out.append([*before, *feature_ids, *after])
     return out
 
@@ -110,22 +120,26 @@ def prepare_tokenizer(tokenizer):
 @dataclass
 class EncodedSplit:
     """One split, tokenised once: prompt and explanation token ids per record, plus the
-    record's user/item indices and rating."""
+    record's user/item indices, rating and, when stage 2 routes by a fixed table, cluster."""
 
     prompts: list[list[int]]
     targets: list[list[int]]
     users: torch.Tensor  # (n,) int64
     items: torch.Tensor  # (n,) int64
     ratings: torch.Tensor  # (n,) fp32
+    clusters: torch.Tensor | None = None  # (n,) int64
 
     def __len__(self) -> int:
         return len(self.prompts)
 
 
-def encode(records: list[dict], tokenizer, max_explanation_tokens: int = 32) -> EncodedSplit:
+def encode(records: list[dict], tokenizer, max_explanation_tokens: int = 32, sentiment: str = "rating",
+           clusters: torch.Tensor | None = None) -> EncodedSplit:
     """Tokenise prompts (BOS first when the tokenizer has one and no chat template added it) and
     explanations (plain text, cut to ``max_explanation_tokens``, then EOS)."""
-    prompts = prompt_ids(records, tokenizer)
+    if clusters is not None and len(clusters) != len(records):
+        raise ValueError(f"{len(clusters)} clusters for {len(records)} records")
+    prompts = prompt_ids(records, tokenizer, sentiment)
     bos = tokenizer.bos_token_id
     if bos is not None:
         prompts = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompts]
@@ -134,7 +148,7 @@ def encode(records: list[dict], tokenizer, max_explanation_tokens: int = 32) -> 
     return EncodedSplit(prompts, targets,
                         torch.tensor([r["user_idx"] for r in records], dtype=torch.long),
                         torch.tensor([r["item_idx"] for r in records], dtype=torch.long),
-                        torch.tensor([float(r["rating"]) for r in records], dtype=torch.float32))
+                        torch.tensor([float(r["rating"]) for r in records], dtype=torch.float32), clusters)
 
 
 def training_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -151,7 +165,12 @@ def training_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[st
         labels[b, n_prompt:n] = torch.tensor(split.targets[i])
         attention_mask[b, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "users": split.users[rows], "items": split.items[rows], "ratings": split.ratings[rows]}
+            "users": split.users[rows], "items": split.items[rows], "ratings": split.ratings[rows],
+            **_clusters(split, rows)}
+
+
+def _clusters(split: EncodedSplit, rows: list[int]) -> dict[str, torch.Tensor]:
+    return {} if split.clusters is None else {"clusters": split.clusters[rows]}
 
 
 def prompt_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -164,4 +183,4 @@ def prompt_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str,
         input_ids[b, width - n:] = torch.tensor(split.prompts[i])
         attention_mask[b, width - n:] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "users": split.users[rows], "items": split.items[rows]}
+            "users": split.users[rows], "items": split.items[rows], **_clusters(split, rows)}

@@ -8,8 +8,13 @@ pair, argmax of the VAE's responsibilities, picks the gate in every layer.
 Training loss (paper eq. 13): alpha * L_ELBO + (1 - alpha) * NLL(explanation tokens)
 + aux_coef * load-balancing loss of the MoE layers.
 
+Which gate routes a pair is given by the caller (stage 2's fixed table of stage-1 clusters), or,
+when it gives none, the VAE's current argmax, computed in fp32 outside autocast.
+
 Ablations: ``multi_gating=False`` gives every cluster one shared gate (C = 1); ``dense=True``
-keeps the base LLM's dense MLPs.
+keeps the base LLM's dense MLPs; ``coarse_experts=True`` keeps the gates but replaces the E
+fine-grained experts of width I, top-k, by E/k experts of width k*I, top-1 (the paper's "w/o
+fine-grained experts": the same total and active expert parameters).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class ExplainerConfig:
     expert_intermediate: int | None = None
     multi_gating: bool = True
     dense: bool = False
+    coarse_experts: bool = False  # E/k experts k times as wide, top-1 (the paper's ablation)
     lora_rank: int = 0  # > 0: LoRA on the attention projections; the base LLM's other weights freeze
     # the embedded tiny LLaMA
     hidden_size: int = 128
@@ -58,8 +64,12 @@ class ExplainerConfig:
             raise UserInputError(f"--expert-intermediate must be at least 1, got {self.expert_intermediate}")
         if self.lora_rank < 0:
             raise UserInputError(f"--lora-rank must be non-negative, got {self.lora_rank}")
-        if self.dense and not self.multi_gating:
-            raise UserInputError("--dense has no gates: it cannot be combined with --no-multi-gating")
+        if self.dense and (not self.multi_gating or self.coarse_experts):
+            raise UserInputError("--dense has no gates or experts: it cannot be combined with --no-multi-gating "
+                                 "or --coarse-experts")
+        if self.coarse_experts and self.num_experts % self.top_k:
+            raise UserInputError(f"--coarse-experts merges each --top-k={self.top_k} experts into one: "
+                                 f"--num-experts={self.num_experts} must be a multiple of it")
         check_model_path(self.base_model)
 
     @property
@@ -68,9 +78,20 @@ class ExplainerConfig:
 
 
 def expert_intermediate(config: ExplainerConfig, hidden_size: int) -> int:
+    """The width of one fine-grained expert."""
     if config.expert_intermediate is not None:
         return config.expert_intermediate
     return max(8, round(hidden_size * 1280 / 4096 / 8) * 8)
+
+
+def expert_layout(config: ExplainerConfig, hidden_size: int) -> tuple[int, int, int]:
+    """(experts, top_k, expert width) of each MoE layer: the configured fine-grained experts, or
+    with ``coarse_experts`` E/k experts k times as wide routed top-1, which keeps the total
+    (E * I) and the active (k * I) expert width."""
+    width = expert_intermediate(config, hidden_size)
+    if config.coarse_experts:
+        return config.num_experts // config.top_k, 1, width * config.top_k
+    return config.num_experts, config.top_k, width
 
 
 def tiny_llama(config: ExplainerConfig, vocab_size: int, tokenizer) -> nn.Module:
@@ -122,8 +143,8 @@ class Explainer(nn.Module):
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_id = tokenizer.eos_token_id
         if not config.dense:
-            gk.replace_mlp_with_moe(lm, config.num_experts, config.num_gates, config.top_k,
-                                    intermediate_size=expert_intermediate(config, hidden), init="random")
+            experts, top_k, width = expert_layout(config, hidden)
+            gk.replace_mlp_with_moe(lm, experts, config.num_gates, top_k, intermediate_size=width, init="random")
         if config.lora_rank > 0:
             self._add_lora()
 
@@ -167,11 +188,12 @@ class Explainer(nn.Module):
         return {} if self.config.dense else {"cluster_ids": gate_ids}
 
     def forward(self, input_ids, attention_mask, labels, users, items, ratings,
-                alpha: float, beta: float, aux_coef: float) -> dict[str, torch.Tensor]:
+                alpha: float, beta: float, aux_coef: float, clusters=None) -> dict[str, torch.Tensor]:
         """Stage-2 loss of one batch: input_ids/attention_mask/labels (B, S) from
-        gavamoe.data.text.training_batch; users, items (B,) int64; ratings (B,) fp32."""
+        gavamoe.data.text.training_batch; users, items (B,) int64; ratings (B,) fp32; clusters
+        (B,) int64, the pairs' clusters (default: the VAE's current assignment)."""
         elbo = self.vae.elbo_loss(users, items, ratings, beta)
-        gates = self.gate_ids(self.cluster_ids(users, items))
+        gates = self.gate_ids(clusters if clusters is not None else self.cluster_ids(users, items))
         out = self.lm(inputs_embeds=self.input_embeddings(input_ids, users, items), attention_mask=attention_mask,
                       labels=labels, **self._routing(gates))
         aux = gk.collect_aux_loss(self.lm) if not self.config.dense else None
@@ -181,12 +203,14 @@ class Explainer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, users, items, gate_ids=None, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 clusters=None) -> torch.Tensor:
         """Explanations for left-padded prompts (gavamoe.data.text.prompt_batch): the new tokens
         (B, <= max_new_tokens), padded with pad_token_id after EOS. Uses the KV cache.
-        ``gate_ids`` (B,): default, the gates of the pairs' stage-1 clusters."""
+        ``gate_ids`` (B,): default, the gates of ``clusters`` (B,), by default the VAE's current
+        assignment."""
         if gate_ids is None:
-            gate_ids = self.gate_ids(self.cluster_ids(users, items))
+            gate_ids = self.gate_ids(clusters if clusters is not None else self.cluster_ids(users, items))
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample \
             else {"do_sample": False}
         return self.lm.generate(inputs_embeds=self.input_embeddings(input_ids, users, items),

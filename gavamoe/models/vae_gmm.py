@@ -1,12 +1,18 @@
 """Stage 1 of GaVaMoE: a VAE over (user, item) pairs with a Gaussian-mixture prior (VaDE).
 
 Encoder: user and item embeddings -> two-layer Transformer encoder over the pair ->
-mu, logvar of z. Decoder: MLP z -> rating. Prior: K diagonal Gaussians (log_pi, mu_c,
-logvar_c). The clusters' responsibilities gamma come from the fused kernel
-(gavamoe_kernels.gmm_log_responsibilities), in log space, so they never underflow.
+mu, logvar of z. Decoder: MLP (z, an item's embedding) -> that item's rating. Prior: K diagonal
+Gaussians (log_pi, mu_c, logvar_c). The clusters' responsibilities gamma come from the fused
+kernel (gavamoe_kernels.gmm_log_responsibilities), in log space, so they never underflow.
 
 Rating likelihood: categorical over the five rating values 1..5 (as the reference code
 does); the predicted rating is the expectation under that distribution (used for RMSE/MAE).
+
+Reconstruction (our deviation from the paper, README "stage 1"): the paper decodes only the
+pair's own rating from z, so z need hold no more than that rating, and the clusters follow rating
+levels rather than users. Here z of (u, i) also reconstructs ``context`` other ratings of the same
+user, (u, j) -> r_uj through the decoder given item j, so z must carry the user's taste: the
+clusters recover planted user groups. ``context=None`` is the paper's reconstruction.
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ class VaeGmm(nn.Module):
         # (std 0.14) so that sampling in the ELBO phase does not drown the pretrained signal
         nn.init.zeros_(self.to_logvar.weight)
         nn.init.constant_(self.to_logvar.bias, -4.0)
-        self.decoder = nn.Sequential(nn.Linear(c.latent_dim, c.decoder_hidden), nn.GELU(),
-                                     nn.Linear(c.decoder_hidden, NUM_RATINGS))
+        self.decoder_z = nn.Linear(c.latent_dim, c.decoder_hidden)
+        self.decoder_item = nn.Linear(c.embed_dim, c.decoder_hidden, bias=False)
+        self.decoder = nn.Sequential(nn.GELU(), nn.Linear(c.decoder_hidden, NUM_RATINGS))
         self.log_pi = nn.Parameter(torch.zeros(c.num_clusters))
         self.mu_c = nn.Parameter(torch.randn(c.num_clusters, c.latent_dim))
         self.logvar_c = nn.Parameter(torch.zeros(c.num_clusters, c.latent_dim))
@@ -66,8 +73,23 @@ class VaeGmm(nn.Module):
         h = self.encoder(pair).flatten(1)  # [B, 2E]
         return self.to_mu(h), self.to_logvar(h).clamp(-10, 10)
 
-    def rating_logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)  # [B, 5] over ratings 1..5
+    def rating_logits(self, z: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits over ratings 1..5 of ``items`` from ``z``: z (B, D) with items (B,) -> (B, 5), or
+        items (B, M) -> (B, M, 5)."""
+        h = self.decoder_z(z)
+        if items.dim() == 2:
+            h = h[:, None]
+        return self.decoder(h + self.decoder_item(self.item_embedding(items)))
+
+    def _reconstruction(self, z, items, ratings, context) -> torch.Tensor:
+        """Cross-entropy of the pair's rating, plus, with ``context`` = (items (B, M), ratings
+        (B, M)) of the same users, the mean cross-entropy of those ratings."""
+        loss = F.cross_entropy(self.rating_logits(z, items), rating_class(ratings))
+        if context is not None:
+            other_items, other_ratings = context
+            logits = self.rating_logits(z, other_items)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), rating_class(other_ratings).flatten())
+        return loss
 
     @staticmethod
     def expected_rating(logits: torch.Tensor) -> torch.Tensor:
@@ -82,21 +104,24 @@ class VaeGmm(nn.Module):
         """log gamma (B, K) = log p(c | z) under the prior, from the fused kernel."""
         return gk.gmm_log_responsibilities(z, *self.prior())
 
-    def reconstruction_loss(self, users, items, ratings, sample: bool = True) -> torch.Tensor:
-        """Autoencoder pretraining: cross-entropy of the rating class from z (mu when not sampling)."""
+    def reconstruction_loss(self, users, items, ratings, sample: bool = True, context=None) -> torch.Tensor:
+        """Autoencoder pretraining: cross-entropy of the rating classes from z (mu when not
+        sampling); ``context`` as in the module docstring."""
         mu, logvar = self.encode(users, items)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        return F.cross_entropy(self.rating_logits(z), rating_class(ratings))
+        return self._reconstruction(z, items, ratings, context)
 
-    def elbo_loss(self, users, items, ratings, beta: float = 0.1) -> dict[str, torch.Tensor]:
-        """beta-ELBO (VaDE): loss = -E_q log p(r | z) + beta * KL(q(z, c | x) || p(z, c)).
+    def elbo_loss(self, users, items, ratings, beta: float = 0.1, recon_scale: float = 1.0,
+                  context=None) -> dict[str, torch.Tensor]:
+        """beta-ELBO (VaDE): loss = -recon_scale * E_q log p(r | z) + beta * KL(q(z, c | x) || p(z, c)),
+        the reconstruction with ``context`` as in the module docstring.
 
         KL = 0.5 sum_c gamma_c sum_d (logvar_c + exp(logvar_q - logvar_c) + (mu_q - mu_c)^2 / var_c)
              - sum_c gamma_c (log pi_c - log gamma_c) - 0.5 sum_d (1 + logvar_q),
         with gamma = p(c | z) at the sampled z. Returns loss, reconstruction and kl (batch means)."""
         mu, logvar = self.encode(users, items)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        recon = F.cross_entropy(self.rating_logits(z), rating_class(ratings))
+        recon = self._reconstruction(z, items, ratings, context)
         log_pi, mu_c, logvar_c = self.prior()
         log_gamma = gk.gmm_log_responsibilities(z, log_pi, mu_c, logvar_c)  # [B, K]
         gamma = torch.exp(log_gamma)
@@ -105,7 +130,7 @@ class VaeGmm(nn.Module):
                        + (mu[:, None] - mu_c[None]).square() * inv_var_c[None]).sum(-1)  # [B, K]
         kl = (0.5 * (gamma * per_cluster).sum(-1) - (gamma * (log_pi[None] - log_gamma)).sum(-1)
               - 0.5 * (1 + logvar).sum(-1)).mean()
-        return {"loss": recon + beta * kl, "reconstruction": recon, "kl": kl}
+        return {"loss": recon_scale * recon + beta * kl, "reconstruction": recon, "kl": kl}
 
     @torch.no_grad()
     def latents(self, users: torch.Tensor, items: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
@@ -117,13 +142,15 @@ class VaeGmm(nn.Module):
 
     @torch.no_grad()
     def assign_clusters(self, users: torch.Tensor, items: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        """Cluster of each (user, item) pair: argmax_c gamma at z = mu. Works for unseen pairs
-        of known users and items. (N,) int64 on the model's device."""
+        """Cluster of each (user, item) pair: argmax_c gamma at z = mu, in fp32 with autocast off
+        (so that a bf16 training step and generation give a pair the same cluster). Works for
+        unseen pairs of known users and items. (N,) int64 on the model's device."""
         was_training = self.training
         self.eval()
         try:
-            z = self.latents(users, items, batch_size)
-            return self.log_responsibilities(z).argmax(-1) if len(z) else z.new_empty(0, dtype=torch.long)
+            with torch.autocast(self.log_pi.device.type, enabled=False):
+                z = self.latents(users, items, batch_size)
+                return self.log_responsibilities(z).argmax(-1) if len(z) else z.new_empty(0, dtype=torch.long)
         finally:
             self.train(was_training)
 

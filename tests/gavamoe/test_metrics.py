@@ -20,3 +20,14 @@ def test_ari_matches_sklearn_and_its_fixed_points():
 def test_rating_errors():
     assert rmse([1, 2, 3], [1, 2, 5]) == pytest.approx((4 / 3) ** 0.5)
     assert mae([1, 2, 3], [1, 2, 5]) == pytest.approx(2 / 3)
+
+
+def test_user_majority_ari_votes_once_per_user():
+    from gavamoe.metrics import user_majority_ari
+    users = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3])
+    groups = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    # user 0 votes 2 (2 of 3), user 1 votes 2, users 2 and 3 vote 0: the same partition as the groups
+    clusters = np.array([2, 2, 1, 2, 2, 0, 0, 1, 0])
+    assert user_majority_ari(users, clusters, groups) == pytest.approx(1.0)
+    clusters = np.array([2, 2, 2, 0, 0, 0, 0, 0, 2])  # users {0, 3} and {1, 2}: independent of the groups
+    assert user_majority_ari(users, clusters, groups) == pytest.approx(adjusted_rand_index([2, 0, 0, 2], [0, 0, 1, 1]))

@@ -11,7 +11,7 @@ import torch
 
 from gavamoe.data import make_synthetic
 from gavamoe.metrics import adjusted_rand_index
-from gavamoe.models import VaeGmm
+from gavamoe.models import VaeGmm, VaeGmmConfig
 from gavamoe.train import main
 
 SMALL = ["--embed-dim", "64", "--latent-dim", "16", "--synthetic-users", "600", "--synthetic-items", "400",
@@ -40,15 +40,16 @@ def test_stage1_writes_the_contracted_files(run):
 
 
 def test_stage1_learns_ratings_and_recovers_planted_groups(run):
-    """Measured on this configuration over seeds 0-2: ARI 0.55-0.57, test RMSE 0.58-0.62 against
-    1.36 for predicting the mean. A partition independent of the groups scores about 0."""
+    """Measured on this configuration over seeds 0-2: ARI 0.996-0.999 over the pairs and
+    0.991-1.0 over the users' majority clusters, test RMSE 0.60-0.64 against 1.36 for predicting
+    the mean. A partition independent of the groups scores about 0."""
     metrics = json.loads((run / "stage1" / "metrics.json").read_text())
     data = make_synthetic(600, 400, 12000, 4, seed=0)
     test = data.tensors("test")["rating"].numpy()
     mean_baseline = float(np.sqrt(np.mean((test - data.tensors("train")["rating"].numpy().mean()) ** 2)))
     assert metrics["test"]["rmse"] < 0.6 * mean_baseline
     assert sum(metrics["cluster_sizes"]) == len(data.splits["train"])
-    assert metrics["ari"] >= 0.4
+    assert metrics["ari"] >= 0.9 and metrics["ari_users"] >= 0.9
     groups = data.tensors("train")["group"].numpy()
     shuffled = np.random.default_rng(0).permutation(groups)
     assert abs(adjusted_rand_index(shuffled, groups)) < 0.05  # the control: chance level is near 0
@@ -64,3 +65,32 @@ def test_assign_clusters_on_unseen_pairs(run):
     assert clusters.shape == (3,) and ((clusters >= 0) & (clusters < 4)).all()
     assert model.assign_clusters(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)).shape == (0,)
 
+
+
+def test_user_context_draws_only_the_users_own_training_ratings():
+    from gavamoe.stage1 import UserContext
+    train = {"user": torch.tensor([2, 0, 2, 1, 2, 0]), "item": torch.tensor([10, 11, 12, 13, 14, 15]),
+             "rating": torch.tensor([1.0, 2, 3, 4, 5, 1])}
+    own = {0: {(11, 2.0), (15, 1.0)}, 1: {(13, 4.0)}, 2: {(10, 1.0), (12, 3.0), (14, 5.0)}}
+    context = UserContext(train, num_users=4, size=50, seed=0, device="cpu")
+    users = torch.tensor([0, 1, 2, 2])
+    items, ratings = context(users)
+    assert items.shape == ratings.shape == (4, 50)
+    for b, u in enumerate(users.tolist()):
+        drawn = set(zip(items[b].tolist(), ratings[b].tolist(), strict=True))
+        assert drawn == own[u]  # 50 draws with replacement reach each of the user's records, and no other
+    assert UserContext(train, 4, 0, 0, "cpu")(users) is None
+
+
+def test_context_reconstruction_adds_the_users_other_ratings():
+    torch.manual_seed(0)
+    vae = VaeGmm(VaeGmmConfig(6, 9, 3, 16, 4, num_heads=2)).eval()
+    users, items, ratings = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([1.0, 4, 5])
+    other_items, other_ratings = torch.tensor([[1, 2], [6, 7], [8, 0]]), torch.tensor([[2.0, 3], [5, 1], [4, 4]])
+    got = vae.reconstruction_loss(users, items, ratings, sample=False, context=(other_items, other_ratings))
+    z = vae.encode(users, items)[0]
+    own = torch.nn.functional.cross_entropy(vae.rating_logits(z, items), (ratings - 1).long())
+    logits = torch.stack([vae.rating_logits(z, other_items[:, m]) for m in range(2)], 1)  # one item at a time
+    others = torch.nn.functional.cross_entropy(logits.flatten(0, 1), (other_ratings - 1).long().flatten())
+    torch.testing.assert_close(got, own + others)
+    torch.testing.assert_close(vae.reconstruction_loss(users, items, ratings, sample=False), own)

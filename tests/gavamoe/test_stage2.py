@@ -79,10 +79,77 @@ def test_generate_and_evaluate_write_the_contracted_files(run, tmp_path):
     assert keys <= metrics.keys()
     assert set(metrics["sparsity"]) == {"ds1", "ds2", "ds3"}
     assert [g["records"] for g in metrics["sparsity"].values()] == [14, 13, 13]
+    # the paper's order: ds1 holds the users with the most training records, ds3 the sparsest
     groups = list(metrics["sparsity"].values())
-    assert groups[0]["max_user_train_count"] <= groups[1]["max_user_train_count"] <= groups[2]["max_user_train_count"]
+    assert groups[0]["min_user_train_count"] >= groups[1]["max_user_train_count"]
+    assert groups[1]["min_user_train_count"] >= groups[2]["max_user_train_count"]
+    assert metrics["conventions"]["bleu_smooth"] is False and metrics["conventions"]["feature_match"] == "phrase"
     assert metrics["bleu1"] > 40  # measured 63: the trained model writes its group's wording
     assert (tmp_path / "metrics.md").read_text().startswith("| | bleu1")
+
+
+def test_routing_is_the_fixed_stage1_table_in_training_and_generation(run, tmp_path):
+    """Training pairs go through the gate of their stage-1 cluster, the other pairs through one
+    assignment at the start of stage 2; generation routes by the same stored table."""
+    from gavamoe.stage2 import stage1_clusters
+    table = torch.load(run / "stage2" / "clusters.pt", weights_only=True)
+    data = make_synthetic(200, 150, 3000, 4, seed=0)
+    assert torch.equal(table["train"], stage1_clusters(Run(run), data))
+    assert [len(table[s]) for s in ("train", "validation", "test")] == [len(data.splits[s]) for s in
+                                                                        ("train", "validation", "test")]
+    metrics = json.loads((run / "stage2" / "metrics.json").read_text())
+    assert metrics["routing"] == "fixed stage-1 clusters"
+    assert 0 <= metrics["clusters_changed_since_stage1"] <= 1
+    pred = tmp_path / "pred.jsonl"
+    assert generate.main(["--run", str(run), "--out", str(pred), "--limit", "30", "--device", "cpu"]) == 0
+    routed = [json.loads(line)["cluster"] for line in pred.read_text().splitlines()]
+    assert routed == table["test"][:30].tolist()
+    # the forward routes by the clusters it is given, and by the VAE's assignment without them
+    model, tokenizer = _load(run)
+    split = text_data.encode(data.split("train")[:6], tokenizer, 16)
+    batch = text_data.training_batch(split, list(range(6)), tokenizer.pad_token_id)
+    losses = dict(alpha=0.0, beta=0.0, aux_coef=0.0)
+    default = model(**batch, **losses)["nll"]
+    own = model(**batch, **losses, clusters=model.cluster_ids(batch["users"], batch["items"]))["nll"]
+    other = model(**batch, **losses, clusters=(model.cluster_ids(batch["users"], batch["items"]) + 1) % 4)["nll"]
+    assert torch.equal(default, own) and not torch.equal(default, other)
+
+
+def test_reassign_clusters_keeps_the_old_routing(run, tmp_path):
+    assert _stage2_from(run, tmp_path / "re", "--reassign-clusters", "--stop-after", "2") == 0
+    assert not (tmp_path / "re" / "stage2" / "clusters.pt").exists()
+    out = tmp_path / "re2"
+    assert _stage2_from(run, out, "--reassign-clusters", "--max-explanation-tokens", "4") == 0
+    metrics = json.loads((out / "stage2" / "metrics.json").read_text())
+    assert metrics["routing"] == "reassigned every step"
+    pred = tmp_path / "pred.jsonl"
+    assert generate.main(["--run", str(out), "--out", str(pred), "--limit", "20", "--device", "cpu"]) == 0
+    model, _ = _load(out)
+    test = make_synthetic(200, 150, 3000, 4, seed=0).tensors("test")
+    want = model.cluster_ids(test["user"][:20], test["item"][:20]).tolist()
+    assert [json.loads(line)["cluster"] for line in pred.read_text().splitlines()] == want
+
+
+def test_clusters_are_computed_in_fp32_outside_autocast(run):
+    vae = _load(run)[0].vae
+    users, items = torch.arange(200), torch.randint(0, 150, (200,), generator=torch.Generator().manual_seed(0))
+    plain = vae.assign_clusters(users, items)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vae.assign_clusters(users, items), plain)
+
+
+def test_coarse_experts_keep_total_and_active_width(run):
+    from gavamoe.models.explainer import expert_layout
+    from gavamoe.stage2 import Stage2Config, build_explainer
+    model, tokenizer = _load(run)
+    fine = ExplainerConfig(num_experts=12, top_k=2, expert_intermediate=40)
+    coarse = ExplainerConfig(num_experts=12, top_k=2, expert_intermediate=40, coarse_experts=True)
+    assert expert_layout(fine, 128) == (12, 2, 40) and expert_layout(coarse, 128) == (6, 1, 80)
+    built = build_explainer(Stage2Config(coarse), model.vae, tokenizer)
+    moes = [m.moe for m in built.lm.modules() if isinstance(m, MoEMLP)]
+    assert moes and all(m.num_experts == 6 and m.top_k == 1 and m.intermediate_size == 80 for m in moes)
+    with pytest.raises(ValueError, match="must be a multiple"):
+        ExplainerConfig(num_experts=5, top_k=2, coarse_experts=True)
 
 
 def test_batched_greedy_equals_one_by_one(run):
@@ -188,6 +255,8 @@ def test_stage2_needs_stage1(tmp_path):
     (["--stage2-batch-size", "0"], "--stage2-batch-size must be at least 1"),
     (["--top-k", "5"], "--top-k must be at most"),
     (["--dense", "--no-multi-gating"], "cannot be combined"),
+    (["--dense", "--coarse-experts"], "cannot be combined"),
+    (["--sentiment", "stars"], "--sentiment must be one of"),
 ])
 def test_bad_stage2_options_are_refused_before_training(tmp_path, flags, message):
     with pytest.raises(ValueError, match=message):

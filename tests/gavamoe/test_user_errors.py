@@ -89,6 +89,37 @@ def test_malformed_predictions_name_file_and_line(capsys, tmp_path, content, mes
     assert not (tmp_path / "m.json").exists()
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--bertscore-idf"], "need --bertscore-model"),
+    (["--bertscore-model", "no/such/encoder"], "--bertscore-model no/such/encoder: not a local folder"),
+    (["--features-from", "no/such.pickle"], "--features-from no/such.pickle: neither a reviews.pickle"),
+])
+def test_bad_evaluation_conventions_are_one_line(capsys, tmp_path, flags, message):
+    path = tmp_path / "pred.jsonl"
+    path.write_text('{"features": ["a"], "reference": "x", "generated": "y"}\n')
+    err = _error(capsys, "gavamoe.evaluate", evaluate.main, ["--predictions", str(path), "--out",
+                                                              str(tmp_path / "m.json"), *flags])
+    assert message in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_features_from_gives_peters_feature_vocabulary(tmp_path):
+    """--features-from: the dataset-wide feature set (FCR's denominator), as PETER builds it."""
+    records = [{"user": "u", "item": f"i{n}", "rating": 4, "template": (f, "good", f"the {f} is good", 1)}
+               for n, f in enumerate(["room", "pool", "bar", "staff", "room", "view", "spa", "gym", "lobby", "bed"])]
+    data = tmp_path / "reviews.pickle"
+    data.write_bytes(pickle.dumps(records))
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps({"features": ["room"], "reference": "the room is good",
+                                        "generated": "the room is good"}) + "\n" for _ in range(3)))
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--predictions", str(pred), "--out", str(out), "--features-from", str(data),
+                          "--feature-match", "peter"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["fcr"] == pytest.approx(1 / 9)  # "room" of the 9 features of the data (1 of 1 without it)
+    assert metrics["conventions"]["feature_match"] == "peter"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"
