@@ -152,6 +152,31 @@ def test_coarse_experts_keep_total_and_active_width(run):
         ExplainerConfig(num_experts=5, top_k=2, coarse_experts=True)
 
 
+def test_paper_decoding_samples_seeded_and_flags_override(run, tmp_path, monkeypatch):
+    """--preset paper decodes by sampling at temperature 0.7 for 30 new tokens; --no-sample wins."""
+    seen = []
+    original = generate.generate_split
+
+    def spy(model, tokenizer, records, batch_size, max_new, do_sample, temperature, *rest):
+        seen.append((max_new, do_sample, temperature))
+        return original(model, tokenizer, records, batch_size, max_new, do_sample, temperature, *rest)
+
+    monkeypatch.setattr(generate, "generate_split", spy)
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        assert generate.main(["--run", str(run), "--out", str(out), "--limit", "6", "--preset", "paper",
+                              "--device", "cpu", "--seed", "5"]) == 0
+        outs.append(out.read_text())
+    assert seen == [(30, True, 0.7)] * 2 and outs[0] == outs[1]
+    assert generate.main(["--run", str(run), "--out", str(tmp_path / "c.jsonl"), "--limit", "2", "--preset", "paper",
+                          "--no-sample", "--device", "cpu"]) == 0
+    assert seen[-1] == (30, False, 0.7)
+    plain = ["--run", str(run), "--out", str(tmp_path / "d.jsonl"), "--limit", "2", "--device", "cpu"]
+    assert generate.main(plain) == 0
+    assert seen[-1] == (17, False, 1.0)  # the run's own preset: greedy, the length cap (16) + 1
+
+
 def test_batched_greedy_equals_one_by_one(run):
     model, tokenizer = _load(run)
     records = make_synthetic(200, 150, 3000, 4, seed=0).split("test")[:12]
