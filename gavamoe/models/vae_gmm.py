@@ -11,8 +11,9 @@ does); the predicted rating is the expectation under that distribution (used for
 Reconstruction (our deviation from the paper, README "stage 1"): the paper decodes only the
 pair's own rating from z, so z need hold no more than that rating, and the clusters follow rating
 levels rather than users. Here z of (u, i) also reconstructs ``context`` other ratings of the same
-user, (u, j) -> r_uj through the decoder given item j, so z must carry the user's taste: the
-clusters recover planted user groups. ``context=None`` is the paper's reconstruction.
+user, (u, j) -> r_uj through the decoder given item j, so z must carry the user's taste and the
+clusters can follow user groups (README, stage 1: the recovery table). ``context=None`` is the
+paper's reconstruction.
 """
 
 from __future__ import annotations
