@@ -55,9 +55,7 @@ def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size:
     for s in tqdm(range(0, len(split), batch_size), desc="generate", disable=None, mininterval=0.5):
         batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        cluster = batch.pop("clusters", None)
-        if cluster is None:
-            cluster = model.cluster_ids(batch["users"], batch["items"])
+        cluster = model.routed_clusters(batch["users"], batch["items"], batch.pop("clusters", None))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model.generate(**batch, gate_ids=model.gate_ids(cluster), max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, temperature=temperature, top_p=top_p)

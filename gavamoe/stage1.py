@@ -84,23 +84,25 @@ def _loader(tensors: dict[str, torch.Tensor], batch_size: int, seed: int) -> Dat
 
 class UserContext:
     """Samples, for a batch of pairs, ``size`` training ratings of each pair's user (with
-    replacement, seeded): the reconstruction context of VaeGmm."""
+    replacement, seeded): the reconstruction context of VaeGmm. The tables live on ``device`` and
+    only the uniform draws come from the (CPU, seeded) generator, so a training step on a GPU
+    copies them up and never waits to read the batch's users back."""
 
     def __init__(self, train: dict[str, torch.Tensor], num_users: int, size: int, seed: int, device):
         order = torch.argsort(train["user"], stable=True)
-        self.items, self.ratings = train["item"][order], train["rating"][order]
-        self.counts = torch.bincount(train["user"], minlength=num_users)
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.items, self.ratings = train["item"][order].to(device), train["rating"][order].to(device)
+        counts = torch.bincount(train["user"], minlength=num_users)
+        self.counts, self.offsets = counts.to(device), (torch.cumsum(counts, 0) - counts).to(device)
         self.size, self.device = size, device
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(items, ratings), each (B, size), for ``users`` (B,) on the tables' device."""
         if self.size == 0:
             return None
-        users = users.cpu()
-        draw = torch.rand(len(users), self.size, generator=self.generator)
+        draw = torch.rand(len(users), self.size, generator=self.generator).to(self.device)
         rows = self.offsets[users, None] + (draw * self.counts[users, None]).long()
-        return self.items[rows].to(self.device), self.ratings[rows].to(self.device)
+        return self.items[rows], self.ratings[rows]
 
 
 def beta_at(config: Stage1Config, epoch: int) -> float:

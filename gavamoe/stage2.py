@@ -178,7 +178,6 @@ def stage1_clusters(run: Run, data: ReviewData) -> torch.Tensor:
     return torch.tensor([int(c) for _, _, c in rows], dtype=torch.long)
 
 
-@torch.no_grad()
 def cluster_table(run: Run, data: ReviewData, vae: VaeGmm) -> dict[str, torch.Tensor]:
     """Each split's per-record clusters: stage 1's for the training records, one assignment by
     ``vae`` (as it stands now, fp32) for the validation and test records."""
@@ -400,9 +399,10 @@ def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
     history = t.state["history"]
     train = data.tensors("train")
     now = t.model.cluster_ids(train["user"], train["item"]).cpu()
+    stage1 = stage1_clusters(t.run, data) if t.clusters is None else t.clusters["train"]  # read once per run
     metrics = {"validation": explanation_nll(t.model, validation, config.batch_size, t.device),
                "routing": "reassigned every step" if t.clusters is None else "fixed stage-1 clusters",
-               "clusters_changed_since_stage1": float((now != stage1_clusters(t.run, data)).float().mean()),
+               "clusters_changed_since_stage1": float((now != stage1).float().mean()),
                "steps": t.state["step"], "world_size": ctx.world, "weight_sha256": digests,
                "train_tokens_per_s": sum(h["tokens_per_s"] for h in history[-50:]) / max(1, len(history[-50:])),
                "seconds_this_call": t.seconds, "final_loss": history[-1] if history else None}

@@ -169,6 +169,11 @@ class Explainer(nn.Module):
         """The stage-1 cluster of each (user, item) pair: argmax of the VAE's responsibilities."""
         return self.vae.assign_clusters(users, items)
 
+    def routed_clusters(self, users: torch.Tensor, items: torch.Tensor, clusters=None) -> torch.Tensor:
+        """The clusters that route the pairs: ``clusters`` when the caller gives them (stage 2's
+        fixed table), else the VAE's current assignment (:meth:`cluster_ids`)."""
+        return clusters if clusters is not None else self.cluster_ids(users, items)
+
     def gate_ids(self, cluster_ids: torch.Tensor) -> torch.Tensor:
         """The gate that routes each pair in every MoE layer: its cluster, or gate 0 for every
         pair without multi-gating."""
@@ -193,7 +198,7 @@ class Explainer(nn.Module):
         gavamoe.data.text.training_batch; users, items (B,) int64; ratings (B,) fp32; clusters
         (B,) int64, the pairs' clusters (default: the VAE's current assignment)."""
         elbo = self.vae.elbo_loss(users, items, ratings, beta)
-        gates = self.gate_ids(clusters if clusters is not None else self.cluster_ids(users, items))
+        gates = self.gate_ids(self.routed_clusters(users, items, clusters))
         out = self.lm(inputs_embeds=self.input_embeddings(input_ids, users, items), attention_mask=attention_mask,
                       labels=labels, **self._routing(gates))
         aux = gk.collect_aux_loss(self.lm) if not self.config.dense else None
@@ -210,7 +215,7 @@ class Explainer(nn.Module):
         ``gate_ids`` (B,): default, the gates of ``clusters`` (B,), by default the VAE's current
         assignment."""
         if gate_ids is None:
-            gate_ids = self.gate_ids(clusters if clusters is not None else self.cluster_ids(users, items))
+            gate_ids = self.gate_ids(self.routed_clusters(users, items, clusters))
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample \
             else {"do_sample": False}
         return self.lm.generate(inputs_embeds=self.input_embeddings(input_ids, users, items),
