@@ -2,9 +2,11 @@
 
 Loss per batch (paper eq. 13): alpha * beta-ELBO of the VAE + (1 - alpha) * NLL of the
 explanation tokens + aux_coef * the MoE layers' load-balancing loss. AdamW, gradient
-accumulation, gradient clipping, linear warm-up then cosine decay, bf16 autocast on CUDA.
-Under ``torchrun`` the same code trains with DistributedDataParallel (gloo on the CPU, NCCL on
-GPUs): each rank takes its share of every global batch, and rank 0 writes the files.
+accumulation, gradient clipping, linear warm-up then cosine decay; fp32 master weights with bf16
+compute (gavamoe.scaling). Under ``torchrun`` the same code trains with DistributedDataParallel,
+or with ``fsdp`` sharded by FSDP2 (gloo on the CPU, NCCL on GPUs): each rank takes its share of
+every global batch, and rank 0 writes the files. The memory plan (gavamoe.memory) is printed
+before the first step.
 
 What trains: everything in the Explainer (the VAE through the ELBO and through the spliced
 embeddings, the two projections, the LLM including every gate and expert), except with
@@ -24,7 +26,6 @@ it runs, checkpoint.pt, from which ``resume=True`` continues exactly where it st
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import plots
+from . import memory, plots, scaling
 from .data import ReviewData
 from .data import text as text_data
 from .errors import UserInputError, check_device
@@ -75,6 +76,10 @@ class Stage2Config:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     preset: str = "default"  # set by gavamoe.train --preset; generation decodes as the preset says
+    # sharding and memory (gavamoe.scaling, gavamoe.memory)
+    fsdp: bool = False  # FSDP2 under torchrun instead of DDP
+    cpu_offload: bool = False  # with fsdp: parameters, gradients and the optimizer step on the host
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.sentiment not in text_data.SENTIMENTS:
@@ -94,7 +99,15 @@ class Stage2Config:
             raise UserInputError(f"--stage2-lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise UserInputError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.cpu_offload and not self.fsdp:
+            raise UserInputError("--cpu-offload is FSDP's: give --fsdp with it")
         check_device(self.device)
+
+    def check_launch(self) -> None:
+        """--fsdp shards across the processes of torchrun (one or more): refuse a plain start."""
+        if self.fsdp and "RANK" not in os.environ:
+            raise UserInputError("--fsdp shards across processes: start it under torchrun "
+                                 "(torchrun --nproc_per_node N -m gavamoe.train ...; N = 1 with --cpu-offload)")
 
 
 # fields named as in stage 1, whose command-line flags carry a "stage2-" prefix (--stage2-lr)
@@ -125,10 +138,11 @@ class _Dist:
             dist.barrier()
 
 
-def distributed_context(device: str) -> _Dist:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+def distributed_context(device: str, fsdp: bool = False) -> _Dist:
+    """Join the process group when started by torchrun with WORLD_SIZE > 1 (with ``fsdp``, with
+    any world size: FSDP needs the group even for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not (fsdp and "RANK" in os.environ):
         return _Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -137,7 +151,7 @@ def distributed_context(device: str) -> _Dist:
 
 def _device(config: Stage2Config, ctx: _Dist) -> torch.device:
     device = torch.device(config.device)
-    if device.type == "cuda" and ctx.world > 1:
+    if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     return device
@@ -234,15 +248,19 @@ def weight_digest(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def explanation_nll(model: Explainer, split: text_data.EncodedSplit, batch_size: int, device, limit: int = 2000):
-    """Mean NLL per explanation token (and its perplexity) on the first ``limit`` records."""
+def explanation_nll(model: Explainer, split: text_data.EncodedSplit, batch_size: int, device,
+                    dtype: torch.dtype | None = None, limit: int = 2000):
+    """Mean NLL per explanation token (and its perplexity) on the first ``limit`` records,
+    under autocast in ``dtype`` (None: in the model's own dtypes)."""
+    device = torch.device(device)
     model.eval()
     total, tokens = 0.0, 0
     rows = list(range(min(limit, len(split))))
     for s in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in text_data.training_batch(split, rows[s:s + batch_size],
                                                                       model.pad_token_id).items()}
-        out = model(**batch, alpha=0.0, beta=0.0, aux_coef=0.0)
+        with scaling.autocast(device, dtype):
+            out = model(**batch, alpha=0.0, beta=0.0, aux_coef=0.0)
         n = int((batch["labels"][:, 1:] != text_data.IGNORE).sum())
         total, tokens = total + float(out["nll"]) * n, tokens + n
     model.train()
@@ -250,8 +268,13 @@ def explanation_nll(model: Explainer, split: text_data.EncodedSplit, batch_size:
     return {"nll": nll, "perplexity": math.exp(nll)}
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, ctx: _Dist) -> None:
+    """Full model and optimizer state (gathered from every rank: call it on all of them), written
+    by rank 0."""
+    model_state, optimizer_state = scaling.full_state(model, optimizer)
+    if not ctx.main:
+        return
+    payload = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                "rng": torch.get_rng_state(), **state}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -270,8 +293,10 @@ class _Training:
     run: Run
     stage1_sha256: str
     tokenizer: object
-    model: Explainer
-    ddp: torch.nn.Module
+    model: Explainer  # sharded in place under FSDP
+    trained: torch.nn.Module  # what the loop calls: the model, or DDP around it
+    dtype: torch.dtype | None  # the compute dtype (autocast), None for fp32
+    plan: memory.MemoryPlan
     train: text_data.EncodedSplit
     clusters: dict[str, torch.Tensor] | None  # the fixed table, None with reassign_clusters
     params: list
@@ -298,10 +323,28 @@ def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
     torch.manual_seed(config.seed)
     tokenizer = _tokenizer(config, data, run.stage2_dir, ctx)
     vae = VaeGmm.from_checkpoint(torch.load(run.stage1_model, weights_only=True, map_location="cpu"))
-    model = build_explainer(config, vae, tokenizer).to(device)
+    model = build_explainer(config, vae, tokenizer)
+    dtype = scaling.compute_dtype(model, device)  # of the base as it loaded, before the fp32 masters
+    scaling.keep_fp32_master(model)
+    if config.gradient_checkpointing:
+        scaling.enable_checkpointing(model.lm)
+    model = model.to(device)
     clusters = _load_cluster_table(run, data, model.vae, config, ctx)
     train = text_data.encode(data.split("train"), tokenizer, config.max_explanation_tokens, config.sentiment,
                              None if clusters is None else clusters["train"])
+    plan = memory.plan_memory(model, world_size=ctx.world, fsdp=config.fsdp, cpu_offload=config.cpu_offload,
+                              gradient_checkpointing=config.gradient_checkpointing, micro_batch=config.batch_size,
+                              sequence_length=max(len(p) + len(t) for p, t in zip(train.prompts, train.targets,
+                                                                                    strict=True)),
+                              compute_bytes=2 if dtype is not None else 4)
+    if ctx.main:
+        print(plan.table(), flush=True)
+    trained = model
+    if config.fsdp:
+        scaling.shard(model, model.lm, dtype, config.cpu_offload)
+    elif ctx.world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     micro_per_epoch = len(_epoch_batches(len(train), 0, config, ctx))
     total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -314,19 +357,14 @@ def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
         if saved.get("stage1_sha256") != stage1_sha256:
             raise UserInputError(f"--resume: {checkpoint_path} was trained on another stage 1 (re-run since); "
                                  f"train stage 2 from the start")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        scaling.load_full_state(model, optimizer, saved["model"], saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         if "cuda_rng" in saved and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
         state = {k: saved[k] for k in state}
-    ddp = model
-    if ctx.world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Training(config, ctx, device, run, stage1_sha256, tokenizer, model, ddp, train, clusters, params,
-                     optimizer, scheduler, total_steps, state)
+    return _Training(config, ctx, device, run, stage1_sha256, tokenizer, model, trained, dtype, plan, train, clusters,
+                     params, optimizer, scheduler, total_steps, state)
 
 
 def _loop(t: _Training) -> bool:
@@ -345,10 +383,8 @@ def _loop(t: _Training) -> bool:
             for i, rows in enumerate(group):
                 batch = text_data.training_batch(t.train, rows, t.tokenizer.pad_token_id)
                 batch = {k: v.to(t.device) for k, v in batch.items()}
-                sync = i == len(group) - 1 or ctx.world == 1
-                with (contextlib.nullcontext() if sync else t.ddp.no_sync()), \
-                        torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.device.type == "cuda"):
-                    out = t.ddp(**batch, **losses)
+                with scaling.grad_sync(t.trained, i == len(group) - 1), scaling.autocast(t.device, t.dtype):
+                    out = t.trained(**batch, **losses)
                 (out["loss"] / len(group)).backward()
                 tokens += int(batch["attention_mask"].sum()) * ctx.world
                 for k in sums:
@@ -368,9 +404,9 @@ def _loop(t: _Training) -> bool:
             if done:
                 state["epoch"], state["micro_step"] = epoch + 1, 0
             stop = config.stop_after and steps_this_call >= config.stop_after and state["step"] < t.total_steps
-            if ctx.main and (state["step"] % config.checkpoint_every == 0 or done or stop):
+            if state["step"] % config.checkpoint_every == 0 or done or stop:
                 _save_checkpoint(t.run.stage2_checkpoint, t.model, t.optimizer, t.scheduler,
-                                 {**state, "stage1_sha256": t.stage1_sha256})
+                                 {**state, "stage1_sha256": t.stage1_sha256}, ctx)
             if stop:
                 bar.close()
                 ctx.barrier()
@@ -382,14 +418,36 @@ def _loop(t: _Training) -> bool:
     return True
 
 
+def _unsharded(t: _Training, state: dict) -> Explainer:
+    """A plain copy of the (FSDP-sharded) trained model from its full state dict, on this rank's device."""
+    model = build_explainer(t.config, VaeGmm(t.model.vae.config), t.tokenizer)
+    scaling.keep_fp32_master(model)
+    model.load_state_dict(state)
+    return model.to(t.device)
+
+
+def _rank_digests(t: _Training) -> tuple[Explainer | None, list]:
+    """The trained model as rank 0 writes it, and the weight digest of every rank's copy: under
+    DDP one per rank (they must agree); under FSDP one, of the full weights gathered to rank 0
+    (None as the model on the other ranks)."""
+    if t.config.fsdp:
+        state = scaling.full_model_state(t.model)
+        if not t.ctx.main:
+            return None, []
+        model = _unsharded(t, state)
+        return model, [weight_digest(model)]
+    digests = [weight_digest(t.model)]
+    if t.ctx.world > 1:
+        digests = [None] * t.ctx.world
+        dist.all_gather_object(digests, weight_digest(t.model))
+    return t.model, digests
+
+
 def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
     """Check that every rank ended with the same weights; on rank 0 write model.pt, metrics.json,
     the loss curve and the run's record of this stage 2."""
     config, ctx = t.config, t.ctx
-    digests = [weight_digest(t.model)]
-    if ctx.world > 1:
-        digests = [None] * ctx.world
-        dist.all_gather_object(digests, weight_digest(t.model))
+    model, digests = _rank_digests(t)
     if not ctx.main:
         return None
     if len(set(digests)) != 1:
@@ -398,21 +456,23 @@ def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
                                   config.sentiment, None if t.clusters is None else t.clusters["validation"])
     history = t.state["history"]
     train = data.tensors("train")
-    now = t.model.cluster_ids(train["user"], train["item"]).cpu()
+    now = model.cluster_ids(train["user"], train["item"]).cpu()
     stage1 = stage1_clusters(t.run, data) if t.clusters is None else t.clusters["train"]  # read once per run
-    metrics = {"validation": explanation_nll(t.model, validation, config.batch_size, t.device),
+    peak = torch.cuda.max_memory_allocated(t.device) / memory.GIB if t.device.type == "cuda" else None
+    metrics = {"validation": explanation_nll(model, validation, config.batch_size, t.device, t.dtype),
                "routing": "reassigned every step" if t.clusters is None else "fixed stage-1 clusters",
                "clusters_changed_since_stage1": float((now != stage1).float().mean()),
-               "steps": t.state["step"], "world_size": ctx.world, "weight_sha256": digests,
+               "steps": t.state["step"], "world_size": ctx.world, "fsdp": config.fsdp, "weight_sha256": digests,
                "train_tokens_per_s": sum(h["tokens_per_s"] for h in history[-50:]) / max(1, len(history[-50:])),
-               "seconds_this_call": t.seconds, "final_loss": history[-1] if history else None}
-    torch.save(t.model.checkpoint(), t.run.stage2_dir / "model.pt")
+               "seconds_this_call": t.seconds, "final_loss": history[-1] if history else None,
+               "memory_plan": t.plan.as_dict(), "peak_cuda_memory_gib": peak}
+    torch.save(model.checkpoint(), t.run.stage2_dir / "model.pt")
     (t.run.stage2_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     t.run.record_stage2(config, t.stage1_sha256)
     plots.loss_curves({"total": [h["loss"] for h in history], "explanation NLL": [h["nll"] for h in history],
                        f"ELBO (alpha={config.alpha})": [h["elbo"] for h in history]},
                       t.run.stage2_dir / "loss_curve.png", "stage 2: MoE explainer")
-    return t.model, metrics
+    return model, metrics
 
 
 def train_stage2(data: ReviewData, out_dir: Path, config: Stage2Config) -> tuple[Explainer, dict] | None:

@@ -5,18 +5,21 @@ Stage 1 trains the VAE-GMM (RUN_DIR/stage1/), stage 2 the multi-gating MoE expla
 it (RUN_DIR/stage2/); RUN_DIR/config.json records the data and both configs (gavamoe.runs). Every
 flag and the data are checked before any training starts; a bad one is a one-line error and exit
 status 2. The same command under ``torchrun --nproc_per_node N`` trains stage 2 with
-DistributedDataParallel (stage 1 runs on rank 0 while the others wait).
+DistributedDataParallel, or sharded with ``--fsdp`` (stage 1 runs on rank 0 while the others
+wait). ``--dry-run`` prints stage 2's memory plan from the base model's config and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import run_cli
+from . import memory
+from .errors import UserInputError, run_cli
 from .models.explainer import ExplainerConfig
 from .runs import DataSpec, Run
 from .stage1 import Stage1Config, train_stage1
@@ -74,6 +77,9 @@ HELP = {
     "reassign_clusters": "route every pair by the VAE's current cluster at every step (default: the fixed stage-1 "
                          "clusters, the paper's gates)",
     "sentiment": "the prompt's positive / negative from the rating (>= 3, the paper's input) or the template",
+    "fsdp": "shard stage 2 with FSDP2 across the processes of torchrun (default: DDP when there are several)",
+    "cpu_offload": "with --fsdp: keep parameters, gradients and optimizer state in host memory (one 80 GB GPU at 8B)",
+    "gradient_checkpointing": "recompute each decoder layer in backward instead of keeping its activations",
 }
 
 
@@ -106,6 +112,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in fields(Stage2Config):
         if f.name not in SHARED and f.name != "explainer":
             _add_field(s2, flag_dest(f.name), f, getattr(d2, f.name), HELP.get(f.name))
+    p.add_argument("--dry-run", action="store_true",
+                   help="build stage 2 from --base-model's config on the meta device (no weights), print the memory "
+                        "plan per GPU and exit; nothing is trained or written")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the processes to plan for (default: WORLD_SIZE, else 1)")
     preset = p.parse_known_args(argv)[0].preset
     p.set_defaults(**PRESETS[preset])
     return p.parse_args(argv)
@@ -121,6 +132,21 @@ def stage2_config(args: argparse.Namespace) -> Stage2Config:
                                                 for f in fields(Stage2Config) if f.name != "explainer"})
 
 
+def _dry_run(args: argparse.Namespace, stage2: Stage2Config | None, spec: DataSpec) -> int:
+    """--dry-run: print stage 2's memory plan per GPU from the model built on the meta device."""
+    if not args.dry_run:
+        raise UserInputError("--world-size plans a dry run: give --dry-run with it (torchrun sets the real one)")
+    if stage2 is None:
+        raise UserInputError("--dry-run plans stage 2: give --stage 2 or --stage all")
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise UserInputError(f"--world-size must be at least 1, got {world}")
+    data = spec.load()
+    plan = memory.dry_run(stage1_config(args), stage2, data.num_users, data.num_items, world)
+    print(plan.table())
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.embed_dim is None:
@@ -129,8 +155,12 @@ def main(argv=None) -> int:
     stage1 = stage1_config(args) if args.stage in ("1", "all") else None
     stage2 = stage2_config(args) if args.stage in ("2", "all") else None
     spec = DataSpec.from_args(args)
+    if args.dry_run or args.world_size is not None:
+        return _dry_run(args, stage2, spec)
+    if stage2 is not None:
+        stage2.check_launch()
     run = Run(args.out)
-    ctx = distributed_context(args.device) if stage2 is not None else None
+    ctx = distributed_context(args.device, stage2.fsdp) if stage2 is not None else None
     main_rank = ctx is None or ctx.main
     if main_rank:
         run.start(spec, spec.fingerprint())

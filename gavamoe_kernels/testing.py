@@ -62,7 +62,12 @@ def poisoned_empty() -> Iterator[None]:
     def new_empty(self, *a, **kw):
         return fill(real_new_empty(self, *a, **kw))
 
-    torch.empty = lambda *a, **kw: fill(real_empty(*a, **kw))
+    def empty(*a, **kw):
+        if kw.get("device") is None:  # a Python wrapper is not seen by a `with torch.device(...)` context
+            kw["device"] = torch.get_default_device()
+        return fill(real_empty(*a, **kw))
+
+    torch.empty = empty
     torch.empty_like = lambda *a, **kw: fill(real_empty_like(*a, **kw))
     torch.Tensor.new_empty = new_empty
     try:

@@ -173,7 +173,8 @@ def replace_mlp_with_moe(model: nn.Module, num_experts: int, num_clusters: int, 
         dense = _mlp_of(layer)
         kind = _mlp_kind(dense)
         moe = _build_moe(dense, kind, num_experts, num_clusters, top_k, intermediate_size, init)
-        layer.mlp = MoEMLP(moe, dense.to("cpu"), getattr(dense, "dropout", None) if kind == "gpt2" else None)
+        kept = dense if moe.w_down.is_meta else dense.to("cpu")  # a model on the meta device has no data to move
+        layer.mlp = MoEMLP(moe, kept, getattr(dense, "dropout", None) if kind == "gpt2" else None)
         _patch_class(layer, _bind_forward)
     if model not in layers and "_gavamoe_base" not in type(model).__dict__:
         _patch_class(model, _pass_forward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import cast
 
@@ -42,7 +43,9 @@ class ClusterGatedMoE(nn.Module):
     Switch/Mixtral load-balancing loss of that call (E * sum_e f_e P_e, 1.0 when balanced) for a
     training loop to add with its own coefficient; in eval mode or under ``torch.no_grad()``
     (generation) it is not computed and ``aux_loss`` is None.
-    Parameters of another dtype than the input are cast to the input's dtype for the call.
+    Parameters of another dtype than the input are cast to the input's dtype for the call; under
+    ``torch.autocast`` the input and the parameters are cast to the autocast dtype, as nn.Linear's
+    are (fp32 master weights with bf16 compute).
     The cluster ids are range-checked once per ids tensor (see GAVAMOE_ID_CHECK in the README).
     """
 
@@ -93,18 +96,24 @@ class ClusterGatedMoE(nn.Module):
                          f"got {tuple(cluster_ids.shape)}")
 
     def forward(self, hidden_states: torch.Tensor, cluster_ids: torch.Tensor) -> torch.Tensor:
-        """hidden_states (..., H) -> (..., H) in hidden_states' dtype; cluster_ids (B,) or hidden_states.shape[:-1]."""
+        """hidden_states (..., H) -> (..., H) in hidden_states' dtype (the autocast dtype under autocast);
+        cluster_ids (B,) or hidden_states.shape[:-1]."""
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() < 1 or \
                 hidden_states.shape[-1] != self.hidden_size:
             shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
             raise ValueError(f"hidden_states must have shape (..., {self.hidden_size}), got {shape}")
         ids = self.token_cluster_ids(hidden_states, cluster_ids)
         x = hidden_states.reshape(-1, self.hidden_size)
+        autocast = x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, w_gate_up, w_down = (p.to(x.dtype) for p in (self.gate_weight, self.w_gate_up, self.w_down))
         check_moe_inputs(x, ids, gate, w_gate_up, w_down, self.top_k)
         check_index_range("cluster_ids", cluster_ids, self.num_clusters)
         backend = resolve_moe_backend(x.device, x.dtype, self.backend, self.num_experts, self.top_k)
-        y, routing = moe_forward(x, ids, gate, w_gate_up, w_down, self.top_k, self.normalize, backend)
+        # the backends run in the dtype they are given: autocast stays outside (the cast above is its)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            y, routing = moe_forward(x, ids, gate, w_gate_up, w_down, self.top_k, self.normalize, backend)
         self.aux_loss = (load_balancing_loss(routing.logits, routing.topk_ids, self.num_experts)
                          if self.training and torch.is_grad_enabled() else None)
         return y.view(hidden_states.shape)

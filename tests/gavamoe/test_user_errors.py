@@ -40,6 +40,11 @@ def _error(capsys, prog, main, argv) -> str:
     (["--data", "missing.pickle"], "--data missing.pickle: no such file"),
     (["--device", "tpu9"], "--device tpu9: not a device"),
     (["--synthetic-groups", "99"], "--synthetic-groups must be at most 6"),
+    (["--fsdp"], "--fsdp shards across processes: start it under torchrun"),
+    (["--cpu-offload"], "--cpu-offload is FSDP's: give --fsdp with it"),
+    (["--world-size", "8"], "--world-size plans a dry run: give --dry-run with it"),
+    (["--dry-run", "--stage", "1"], "--dry-run plans stage 2: give --stage 2 or --stage all"),
+    (["--dry-run", "--world-size", "0"], "--world-size must be at least 1, got 0"),
 ])
 def test_bad_flags_are_one_line_before_any_work(capsys, tmp_path, flags, message):
     out = tmp_path / "run"

@@ -187,6 +187,22 @@ def test_parameters_are_cast_to_the_input_dtype():
     torch.testing.assert_close(y16.float(), moe(x, ids), atol=5e-3, rtol=5e-3)
 
 
+def test_autocast_computes_in_its_dtype_with_fp32_master_weights():
+    """fp32 weights and input under bf16 autocast: the call is the bf16 call (as nn.Linear's is),
+    and the gradients reach the fp32 weights in fp32."""
+    moe = make_layer()
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    ids = torch.tensor([1, 2], device=DEVICE)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = moe(x, ids)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, moe(x.bfloat16(), ids), atol=0, rtol=0)
+    y.float().square().sum().backward()
+    for p in (moe.gate_weight, moe.w_gate_up, moe.w_down):
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     moe = make_layer(backend)
