@@ -447,6 +447,8 @@ def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
     """Check that every rank ended with the same weights; on rank 0 write model.pt, metrics.json,
     the loss curve and the run's record of this stage 2."""
     config, ctx = t.config, t.ctx
+    # training's peak, before rank 0 gathers an unsharded copy under FSDP
+    peak = torch.cuda.max_memory_allocated(t.device) / memory.GIB if t.device.type == "cuda" else None
     model, digests = _rank_digests(t)
     if not ctx.main:
         return None
@@ -458,7 +460,6 @@ def _finish(t: _Training, data: ReviewData) -> tuple[Explainer, dict] | None:
     train = data.tensors("train")
     now = model.cluster_ids(train["user"], train["item"]).cpu()
     stage1 = stage1_clusters(t.run, data) if t.clusters is None else t.clusters["train"]  # read once per run
-    peak = torch.cuda.max_memory_allocated(t.device) / memory.GIB if t.device.type == "cuda" else None
     metrics = {"validation": explanation_nll(model, validation, config.batch_size, t.device, t.dtype),
                "routing": "reassigned every step" if t.clusters is None else "fixed stage-1 clusters",
                "clusters_changed_since_stage1": float((now != stage1).float().mean()),
