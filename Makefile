@@ -1,5 +1,5 @@
 # Front door: make venv | make test | make lint | make cuda-check | make bench | make demo
-# GPU runbook (benchmarks/NOTES.md): make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm [K=expr]
+# GPU runbook (benchmarks/NOTES.md): make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm|fame [K=expr]
 PYTHON ?= python3
 GPU_PYTHON ?= python3
 VENV ?= .venv
@@ -50,7 +50,7 @@ bench-gpu:
 # CI: every step of the runbook that needs no CUDA, with the venv's python, into a scratch folder.
 runbook-dry-run: venv
 	$(BIN)/python -m benchmarks.runbook check --dry-run
-	for suite in moe decode router gmm; do $(BIN)/python -m benchmarks.runbook bench --suite $$suite --dry-run || exit 1; done
+	for suite in moe decode router gmm fame; do $(BIN)/python -m benchmarks.runbook bench --suite $$suite --dry-run || exit 1; done
 
 # Both stages, the two ablations, generation and metrics on the default synthetic data (runs/demo/).
 demo: venv

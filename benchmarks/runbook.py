@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SUITES = ("moe", "decode", "router", "gmm")
+SUITES = ("moe", "decode", "router", "gmm", "fame")
 PER_TEST_TIMEOUT_S = 300  # with pytest-timeout: one hung test cannot eat the 10-minute command
 
 

@@ -1,4 +1,4 @@
-"""Figures of a run: loss curves and the latent space coloured by cluster."""
+"""Figures of a run: loss curves, the latent space coloured by cluster, FAME's gate weights."""
 
 from __future__ import annotations
 
@@ -43,6 +43,34 @@ def latent_space(z: torch.Tensor, clusters: torch.Tensor, path: Path, title: str
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     ax.legend(markerscale=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gate_weights(head_mean: torch.Tensor, head_by_facet: torch.Tensor | None, experts: torch.Tensor,
+                 path: Path) -> None:
+    """FAME's gates: the head gate's mean weight per head (by planted facet when known: facets x
+    heads), and each head's mean expert weights (heads x experts)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if head_by_facet is not None:
+        image = left.imshow(head_by_facet.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        left.set_ylabel("planted facet of the user")
+        left.set_yticks(range(head_by_facet.shape[0]))
+        fig.colorbar(image, ax=left)
+    else:
+        left.bar(range(len(head_mean)), head_mean.numpy())
+        left.set_ylabel("mean weight")
+    left.set_xlabel("head")
+    left.set_xticks(range(len(head_mean)))
+    left.set_title("head gate (test users, last position)")
+    image = right.imshow(experts.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    right.set_xlabel("expert")
+    right.set_ylabel("head")
+    right.set_xticks(range(experts.shape[1]))
+    right.set_yticks(range(experts.shape[0]))
+    right.set_title("expert weights per head (mean)")
+    fig.colorbar(image, ax=right)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

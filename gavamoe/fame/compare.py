@@ -1,0 +1,72 @@
+"""python -m gavamoe.fame.compare --out DIR [--seeds 3] [any flag of python -m gavamoe.fame]
+
+FAME, SASRec and FAME with one expert per head (--num-experts 1), each over several seeds (data
+and initialisation), under the identical protocol of ``python -m gavamoe.fame``; writes
+DIR/<model>-seed<s>/ for every run and DIR/comparison.json and DIR/comparison.md: the test
+metrics' mean and standard deviation over seeds, the popularity baseline, and, on the synthetic
+data, the normalised mutual information between the head gate's choice and the planted facet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from ..errors import UserInputError, run_cli
+from . import __main__ as fame_cli
+
+VARIANTS = {"fame": ["--model", "fame"], "sasrec": ["--model", "sasrec"],
+            "fame, 1 expert": ["--model", "fame", "--num-experts", "1"]}
+SHOWN = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gavamoe.fame.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seeds", type=int, default=3)
+    args, rest = p.parse_known_args(argv)
+    if args.seeds < 2:
+        raise UserInputError(f"--seeds must be at least 2 (the spread over seeds is the point), got {args.seeds}")
+    if any(flag in rest for flag in ("--out", "--model", "--seed", "--num-experts")):
+        raise UserInputError("--out, --model, --seed and --num-experts are set by the comparison")
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for seed in range(args.seeds):
+        for name, flags in VARIANTS.items():
+            out = args.out / f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
+            fame_cli.main(["--out", str(out), "--seed", str(seed), *flags, *rest])
+            runs[name].append(json.loads((out / "metrics.json").read_text()))
+    summary = {name: _summary(metrics) for name, metrics in runs.items()}
+    summary["popularity"] = _summary([{"test": m["popularity"]["test"]} for m in runs["sasrec"]])
+    (args.out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "comparison.md").write_text(_table(summary, args.seeds))
+    print(_table(summary, args.seeds))
+    return 0
+
+
+def _summary(metrics: list[dict]) -> dict:
+    out = {}
+    for key in metrics[0]["test"]:
+        values = [m["test"][key] for m in metrics]
+        out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+    if "head_gate_nmi" in metrics[0]:
+        values = [m["head_gate_nmi"] for m in metrics]
+        out["head_gate_nmi"] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+    return out
+
+
+def _table(summary: dict, seeds: int) -> str:
+    lines = [f"test metrics, mean ± std over {seeds} seeds", "",
+             "| model | " + " | ".join(SHOWN) + " | head gate NMI with the planted facet |",
+             "|---|" + "---|" * (len(SHOWN) + 1)]
+    for name, s in summary.items():
+        nmi = f"{s['head_gate_nmi']['mean']:.3f} ± {s['head_gate_nmi']['std']:.3f}" if "head_gate_nmi" in s else ""
+        lines.append(f"| {name} | " + " | ".join(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in SHOWN)
+                     + f" | {nmi} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("gavamoe.fame.compare", main))

@@ -1,0 +1,157 @@
+"""Data of FAME: item sequences from RecBole atomic ``.inter`` files or a synthetic generator with
+planted facets, split leave-one-out.
+
+A ``.inter`` file is tab-separated with a typed header, ``user_id:token  item_id:token
+timestamp:float ...``; other columns are ignored. Each user's items are ordered by timestamp
+(stable: the file's order breaks ties; without a timestamp column the file's order is the time).
+Users with fewer than 3 interactions are dropped (they have no training item once the last two
+are held out). Items are renumbered 1..num_items in order of first appearance; 0 is padding.
+
+Leave-one-out (SASRec, FAME): the last item of each user is the test target, the second last
+the validation target, the rest the training sequence; every model input is the most recent
+``max_len`` items before its target.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserInputError
+
+MIN_INTERACTIONS = 3
+
+
+@dataclass
+class Sequences:
+    """Time-ordered item ids (1..num_items) per user; for synthetic data the planted facets."""
+
+    num_items: int
+    users: list[str]
+    items: list[list[int]]
+    item_facets: np.ndarray | None = None  # (num_items + 1, F) facet values; row 0 is padding
+    user_facet: np.ndarray | None = None  # (users,) the facet each user's choices follow
+    source: str = "synthetic"
+    dropped_users: int = 0
+    item_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def read_inter(path: str | Path) -> Sequences:
+    """A RecBole atomic .inter file (see the module docstring); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--data {path}: no such file (give 'synthetic' or a RecBole .inter file)")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t")
+        header = next(rows, None)
+        if header is None:
+            raise UserInputError(f"{path}: empty file")
+        names = [h.split(":")[0].strip() for h in header]
+        for column in ("user_id", "item_id"):
+            if column not in names:
+                raise UserInputError(f"{path}: the header has no {column} column (got {' '.join(header)})")
+        u, i = names.index("user_id"), names.index("item_id")
+        t = names.index("timestamp") if "timestamp" in names else None
+        events: dict[str, list[tuple[float, int, str]]] = {}
+        for line, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) < len(names):
+                raise UserInputError(f"{path}:{line}: {len(row)} fields, the header has {len(names)}")
+            try:
+                when = float(row[t]) if t is not None else float(line)
+            except ValueError:
+                raise UserInputError(f"{path}:{line}: timestamp {row[t]!r} is not a number") from None
+            events.setdefault(row[u], []).append((when, line, row[i]))
+    ids: dict[str, int] = {}
+    users, items, dropped = [], [], 0
+    for user, seq in events.items():
+        if len(seq) < MIN_INTERACTIONS:
+            dropped += 1
+            continue
+        seq.sort(key=lambda e: (e[0], e[1]))
+        users.append(user)
+        items.append([ids.setdefault(name, len(ids) + 1) for _, _, name in seq])
+    if not users:
+        raise UserInputError(f"{path}: no user has {MIN_INTERACTIONS} or more interactions")
+    return Sequences(len(ids), users, items, source=str(path.resolve()), dropped_users=dropped,
+                     item_names=list(ids))
+
+
+def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int = 2, values: int = 4,
+                   length: int = 20, stick: float = 0.8, noise: float = 0.1, seed: int = 0) -> Sequences:
+    """Synthetic sequences with planted facets.
+
+    Every item has a value in each of ``num_facets`` facets (uniform, independent). Every user
+    follows one facet f_u and likes two of its values: each next item is, with probability
+    1 - ``noise``, drawn uniformly from the items whose facet-f_u value is the previous item's
+    (with probability ``stick``) or the user's other liked value; otherwise from all items.
+    So the next item is predictable only along the user's facet, which the model has to find
+    from the history; the other facets are noise."""
+    if min(num_users, num_items, num_facets, values, length) < 1 or length < MIN_INTERACTIONS:
+        raise UserInputError("--synthetic-users, -items, -facets, -values must be positive and --synthetic-length "
+                             f"at least {MIN_INTERACTIONS}")
+    rng = np.random.default_rng(seed)
+    facets = rng.integers(0, values, (num_items, num_facets))
+    by_value = [[np.flatnonzero(facets[:, f] == v) for v in range(values)] for f in range(num_facets)]
+    user_facet = rng.integers(0, num_facets, num_users)
+    sequences = []
+    for f in user_facet:
+        liked = rng.choice(values, 2, replace=False)
+        current = liked[0]
+        seq = []
+        for _ in range(length):
+            if rng.random() < noise or not len(by_value[f][current]):
+                item = rng.integers(num_items)
+            else:
+                item = rng.choice(by_value[f][current])
+            seq.append(int(item) + 1)
+            if rng.random() >= stick:
+                current = liked[1] if current == liked[0] else liked[0]
+        sequences.append(seq)
+    padded = np.vstack([np.full((1, num_facets), -1), facets])
+    return Sequences(num_items, [str(u) for u in range(num_users)], sequences, padded, user_facet)
+
+
+@dataclass
+class Split:
+    """Model inputs of one split: right-aligned item ids (n, max_len), 0 = padding, and targets:
+    (n, max_len) for training (the next item at every position, 0 where none), (n,) otherwise."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    users: torch.Tensor  # (n,) index into Sequences.users
+
+
+def _right_aligned(seqs: list[list[int]], max_len: int) -> torch.Tensor:
+    out = torch.zeros(len(seqs), max_len, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        seq = seq[-max_len:]
+        if seq:
+            out[row, max_len - len(seq):] = torch.tensor(seq)
+    return out
+
+
+def leave_one_out(data: Sequences, max_len: int = 50) -> dict[str, Split]:
+    """train: inputs s[:-3], targets s[1:-2] position by position (the training sequence s[:-2]
+    shifted by one); validation: s[:-2] -> s[-2]; test: s[:-1] -> s[-1]; each cut to its most
+    recent max_len items."""
+    if max_len < 1:
+        raise UserInputError(f"--max-len must be at least 1, got {max_len}")
+    users = torch.arange(len(data))
+    train = [s[:-2] for s in data.items]
+    return {
+        "train": Split(_right_aligned([s[:-1] for s in train], max_len),
+                       _right_aligned([s[1:] for s in train], max_len), users),
+        "validation": Split(_right_aligned([s[:-2] for s in data.items], max_len),
+                            torch.tensor([s[-2] for s in data.items]), users),
+        "test": Split(_right_aligned([s[:-1] for s in data.items], max_len),
+                      torch.tensor([s[-1] for s in data.items]), users),
+    }

@@ -1,0 +1,49 @@
+"""Full-ranking metrics of next-item prediction, and the mutual information of two labelings.
+
+rank = the number of items scored above the target plus the number tied with it (pessimistic:
+a model that scores every item alike ranks every target last, not first); no item is excluded
+(the history's items stay candidates, as in RecBole's sequential full ranking).
+HR@K = [rank < K]; NDCG@K = [rank < K] / log2(rank + 2) (one relevant item: the ideal DCG is 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+KS = (5, 10, 20)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scores (n, V) over items 1..V (column j = item j + 1); targets (n,) item ids in 1..V ->
+    0-based ranks (n,) int64."""
+    target = scores.gather(1, (targets - 1).unsqueeze(1))  # [n, 1]
+    return (scores > target).sum(1) + (scores == target).sum(1) - 1
+
+
+def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+    """hr@k and ndcg@k for each k, averaged over the ranks."""
+    ranks = ranks.double()
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = float(hit.double().mean())
+        out[f"ndcg@{k}"] = float((hit.double() / torch.log2(ranks + 2)).mean())
+    return out
+
+
+def normalized_mutual_information(a, b) -> float:
+    """NMI(a, b) = I(a; b) / sqrt(H(a) H(b)) of two integer labelings (0 when either is constant)."""
+    a, b = np.asarray(a), np.asarray(b)
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = -float((pa * np.log(pa)).sum()), -float((pb * np.log(pb)).sum())
+    return 0.0 if ha <= 0 or hb <= 0 else mi / math.sqrt(ha * hb)

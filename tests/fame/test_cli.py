@@ -1,0 +1,59 @@
+"""python -m gavamoe.fame: the contracted files on synthetic data and on a .inter file, and bad
+input as one line with exit status 2 before any training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gavamoe.errors import run_cli
+from gavamoe.fame.__main__ import main
+
+TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8", "--dim", "16",
+        "--epochs", "2", "--batch-size", "32", "--device", "cpu"]
+KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"}
+
+
+@pytest.mark.parametrize("model", ["fame", "sasrec"])
+def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
+    out = tmp_path / model
+    assert main(["--out", str(out), "--model", model, *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == KEYS and set(metrics["validation"]) == KEYS
+    assert set(metrics["popularity"]["test"]) == KEYS
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+    assert all(0 <= v <= 1 for v in metrics["test"].values())
+    assert metrics["config"]["model"]["model"] == model
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert ((out / "gates.png").exists()) == (model == "fame")
+    assert ("head_gate_nmi" in metrics) == (model == "fame")
+
+
+def test_inter_file_run(tmp_path):
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines += [f"u{u}\ti{(u * 7 + t) % 23}\t{t}" for u in range(40) for t in range(6)]
+    path = tmp_path / "toy.inter"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--data", str(path), "--dim", "16", "--epochs", "1", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["users"] == 40 and metrics["items"] == 23 and "head_gate_nmi" not in metrics
+    assert metrics["config"]["data"] == str(path.resolve())
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--dim", "30", "--num-heads", "4"], "--dim 30 must be a multiple of --num-heads 4"),
+    (["--top-k", "5"], "--top-k must lie in [1, --num-experts=4], got 5"),
+    (["--num-experts", "0"], "--num-experts must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--dropout", "1.5"], "--dropout must lie in [0, 1), got 1.5"),
+    (["--data", "missing.inter"], "--data missing.inter: no such file"),
+    (["--device", "tpu9"], "--device tpu9: not a device"),
+])
+def test_bad_flags_are_one_line_before_any_work(capsys, tmp_path, flags, message):
+    out = tmp_path / "run"
+    assert run_cli("gavamoe.fame", main, ["--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("gavamoe.fame: error: ") and message in err, err
+    assert not out.exists()

@@ -1,0 +1,102 @@
+"""FAME's data (RecBole .inter, leave-one-out, planted facets) and ranking metrics by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gavamoe.errors import UserInputError
+from gavamoe.fame.data import leave_one_out, planted_facets, read_inter
+from gavamoe.fame.metrics import normalized_mutual_information, ranking_metrics, target_ranks
+
+INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
+u1\tA\t5\t30
+u1\tB\t4\t10
+u2\tA\t3\t5
+u1\tC\t2\t20
+u1\tD\t1\t40
+u2\tC\t3\t6
+u3\tB\t4\t1
+u3\tE\t4\t1
+u3\tA\t4\t0
+u2\tB\t3\t7
+u4\tA\t1\t1
+"""
+
+
+def test_inter_file_orders_by_time_and_splits_leave_one_out(tmp_path):
+    path = tmp_path / "toy.inter"
+    path.write_text(INTER)
+    data = read_inter(path)
+    # u4 has one interaction: dropped; ids by first appearance in time order of the kept users
+    assert data.users == ["u1", "u2", "u3"] and data.dropped_users == 1
+    names = data.item_names
+    seqs = [[names[i - 1] for i in s] for s in data.items]
+    # u3: A at 0, then B and E tied at 1 keep the file's order
+    assert seqs == [["B", "C", "A", "D"], ["A", "C", "B"], ["A", "B", "E"]]
+    assert data.num_items == 5
+    split = leave_one_out(data, max_len=3)
+    item = {name: i + 1 for i, name in enumerate(names)}
+    # u1: train sequence B C (input B -> target C), validation B C -> A, test B C A -> D
+    assert split["train"].inputs[0].tolist() == [0, 0, item["B"]]
+    assert split["train"].targets[0].tolist() == [0, 0, item["C"]]
+    assert split["validation"].inputs[0].tolist() == [0, item["B"], item["C"]]
+    assert split["validation"].targets.tolist() == [item["A"], item["C"], item["B"]]
+    assert split["test"].inputs[0].tolist() == [item["B"], item["C"], item["A"]]
+    assert split["test"].targets.tolist() == [item["D"], item["B"], item["E"]]
+    # u2 (3 items): no training pair, validation A -> C
+    assert split["train"].targets[1].tolist() == [0, 0, 0]
+    assert split["validation"].inputs[1].tolist() == [0, 0, item["A"]]
+    # max_len cuts to the most recent items
+    assert leave_one_out(data, max_len=2)["test"].inputs[0].tolist() == [item["C"], item["A"]]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty file"),
+    ("user_id:token\ttimestamp:float\nu\t1\n", "no item_id column"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\n", ":2: 2 fields, the header has 3"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\tsoon\n", ":2: timestamp 'soon' is not a number"),
+    ("user_id:token\titem_id:token\nu\ta\n", "no user has 3 or more interactions"),
+])
+def test_bad_inter_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.inter"
+    path.write_text(text)
+    with pytest.raises(UserInputError, match=message):
+        read_inter(path)
+
+
+def test_planted_facets_follow_the_users_facet():
+    data = planted_facets(300, 120, num_facets=3, values=4, length=15, noise=0.0, seed=1)
+    assert len(data) == 300 and all(len(s) == 15 for s in data.items)
+    for seq, f in zip(data.items, data.user_facet, strict=True):
+        values = {int(data.item_facets[i, f]) for i in seq}
+        assert len(values) <= 2  # two liked values on the user's facet, nothing else without noise
+    assert planted_facets(50, 40, seed=3).items == planted_facets(50, 40, seed=3).items
+
+
+def test_ranks_are_pessimistic_and_metrics_match_hand_values():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3],    # target item 3 (score 0.5): rank 1
+                           [0.2, 0.2, 0.2, 0.2],    # all tied, target 2: last (rank 3)
+                           [0.1, 0.4, 0.3, 0.8]])   # target 4: rank 0
+    ranks = target_ranks(scores, torch.tensor([3, 2, 4]))
+    assert ranks.tolist() == [1, 3, 0]
+    m = ranking_metrics(ranks, ks=(1, 2, 5))
+    assert m["hr@1"] == pytest.approx(1 / 3) and m["hr@2"] == pytest.approx(2 / 3) and m["hr@5"] == 1.0
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["ndcg@2"] == pytest.approx((1 / math.log2(3) + 1) / 3)
+    assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5) + 1) / 3)
+
+
+def test_normalized_mutual_information_by_hand():
+    assert normalized_mutual_information([0, 0, 1, 1], [5, 5, 7, 7]) == pytest.approx(1.0)
+    assert normalized_mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_mutual_information([0, 0, 0, 0], [0, 1, 0, 1]) == 0.0
+    # a = [0,0,1,1,1,1], b = [0,0,0,1,1,1]: I = sum p log p/(pa pb) by hand
+    p = {(0, 0): 2 / 6, (1, 0): 1 / 6, (1, 1): 3 / 6}
+    pa, pb = {0: 2 / 6, 1: 4 / 6}, {0: 3 / 6, 1: 3 / 6}
+    mi = sum(v * math.log(v / (pa[a] * pb[b])) for (a, b), v in p.items())
+    ha, hb = -sum(v * math.log(v) for v in pa.values()), -sum(v * math.log(v) for v in pb.values())
+    got = normalized_mutual_information([0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1])
+    assert got == pytest.approx(mi / math.sqrt(ha * hb))
