@@ -18,6 +18,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch.distributed as dist
+
 from . import memory
 from .errors import UserInputError, run_cli
 from .models.explainer import ExplainerConfig
@@ -177,6 +179,11 @@ def main(argv=None) -> int:
         if result is not None:
             summary = {k: v for k, v in result[1].items() if k != "weight_sha256"}
             print(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        # every rank waits for rank 0's files, then leaves the group: a rank that exited with the
+        # group's threads alive aborted ("terminate called without an active exception", seen in CI)
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
