@@ -1,4 +1,5 @@
-"""Figures of a run: loss curves, the latent space coloured by cluster, FAME's gate weights."""
+"""Figures of a run: loss curves, the latent space coloured by cluster, FAME's gate weights,
+ExpCTR's rewards."""
 
 from __future__ import annotations
 
@@ -71,6 +72,25 @@ def gate_weights(head_mean: torch.Tensor, head_by_facet: torch.Tensor | None, ex
     right.set_yticks(range(experts.shape[0]))
     right.set_title("expert weights per head (mean)")
     fig.colorbar(image, ax=right)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reward_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
+    """ExpCTR's RL: the mean reward of each GRPO step, one panel per reward (LC, IC), rounds
+    one after another and marked."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (name, rounds) in zip(axes[0], curves.items(), strict=True):
+        start = 0
+        for r, values in enumerate(rounds, start=1):
+            ax.plot(range(start, start + len(values)), values, lw=0.8, label=f"round {r}")
+            start += len(values)
+        ax.set_title(f"{name.upper()} reward")
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

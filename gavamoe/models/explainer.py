@@ -127,6 +127,24 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def add_lora(lm: nn.Module, rank: int) -> None:
+    """Freeze ``lm`` and inject LoRA adapters of rank ``rank`` (alpha = 2 * rank) into its
+    attention projections; the adapters and any MoE layers (``.moe.``) stay trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {n for n, _ in lm.named_modules()}
+    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n in names)]
+    if not targets:
+        raise ValueError(f"found no attention projection ({', '.join(LORA_TARGETS)}) for LoRA in "
+                         f"{type(lm).__name__}")
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets), lm)
+    for name, p in lm.named_parameters():
+        if "lora_" in name or ".moe." in name:
+            p.requires_grad_(True)
+
+
 class Explainer(nn.Module):
     """The stage-1 VAE, the (MoE-patched) LLM and the two embedding projections."""
 
@@ -146,23 +164,7 @@ class Explainer(nn.Module):
             experts, top_k, width = expert_layout(config, hidden)
             gk.replace_mlp_with_moe(lm, experts, config.num_gates, top_k, intermediate_size=width, init="random")
         if config.lora_rank > 0:
-            self._add_lora()
-
-    def _add_lora(self) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        names = {n for n, _ in self.lm.named_modules()}
-        targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n in names)]
-        if not targets:
-            raise ValueError(f"found no attention projection ({', '.join(LORA_TARGETS)}) for LoRA in "
-                             f"{type(self.lm).__name__}")
-        for p in self.lm.parameters():
-            p.requires_grad_(False)
-        lora = LoraConfig(r=self.config.lora_rank, lora_alpha=2 * self.config.lora_rank, target_modules=targets)
-        inject_adapter_in_model(lora, self.lm)
-        for name, p in self.lm.named_parameters():
-            if "lora_" in name or ".moe." in name:
-                p.requires_grad_(True)
+            add_lora(lm, config.lora_rank)
 
     @torch.no_grad()
     def cluster_ids(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
