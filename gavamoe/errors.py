@@ -27,6 +27,16 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
         return 2
 
 
+def check_at_least_one(config, names: tuple[str, ...],
+                       flag: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> None:
+    """Each field ``names`` of ``config`` must be at least 1 (None, a field left to its default
+    rule, passes); the error names the flag, ``flag(name)``."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserInputError(f"{flag(name)} must be at least 1, got {value}")
+
+
 def check_device(device: str, flag: str = "--device") -> None:
     """A device torch can parse and that exists here (``cuda`` on a machine with a GPU)."""
     import torch

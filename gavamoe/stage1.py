@@ -23,7 +23,7 @@ import gavamoe_kernels as gk
 
 from . import plots
 from .data import ReviewData
-from .errors import UserInputError, check_device
+from .errors import UserInputError, check_at_least_one, check_device
 from .metrics import adjusted_rand_index, mae, rmse, user_majority_ari
 from .models import VaeGmm, VaeGmmConfig
 
@@ -63,10 +63,8 @@ class Stage1Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
-        for name in ("num_clusters", "embed_dim", "latent_dim", "batch_size", "pretrain_batch_size",
-                     "beta_step_epochs", "gmm_restarts"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("num_clusters", "embed_dim", "latent_dim", "batch_size", "pretrain_batch_size",
+                                  "beta_step_epochs", "gmm_restarts"))
         for name in ("pretrain_epochs", "epochs", "beta", "weight_decay", "lr_step_epochs", "beta_start",
                      "beta_step", "context_ratings"):
             if getattr(self, name) is not None and getattr(self, name) < 0:

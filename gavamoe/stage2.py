@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from . import memory, plots, scaling
 from .data import ReviewData
 from .data import text as text_data
-from .errors import UserInputError, check_device
+from .errors import UserInputError, check_at_least_one, check_device
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
 from .runs import Run
@@ -86,10 +86,8 @@ class Stage2Config:
             raise UserInputError(f"--sentiment must be one of {', '.join(text_data.SENTIMENTS)}, got {self.sentiment}")
         if isinstance(self.explainer, dict):  # read back from a run's config.json
             self.explainer = ExplainerConfig(**self.explainer)
-        for name in ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
+                                  "checkpoint_every"), lambda name: "--" + _flag(name))
         if not 0 <= self.alpha <= 1:
             raise UserInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
         for name in ("beta", "aux_coef", "clip", "weight_decay", "stop_after"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserInputError
+from ..errors import UserInputError, check_at_least_one
 
 
 @dataclass
@@ -29,9 +29,8 @@ class CtrConfig:
     weight_decay: float = 1e-4
 
     def __post_init__(self):
-        for name in ("dim", "hidden", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--ctr-{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"),
+                           lambda name: "--ctr-" + name.replace("_", "-"))
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserInputError(f"--ctr-lr must be positive and --ctr-weight-decay non-negative, got {self.lr}, "
                                  f"{self.weight_decay}")

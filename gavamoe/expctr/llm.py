@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import gavamoe_kernels as gk
 
 from ..data.text import train_tokenizer
-from ..errors import UserInputError
+from ..errors import UserInputError, check_at_least_one
 from ..models.explainer import ExplainerConfig, add_lora, tiny_llama
 from . import prompts
 from .data import CtrData
@@ -53,10 +53,9 @@ class LlmConfig:
     history_summary: bool = True
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_layers", "num_heads", "dense_intermediate", "num_experts", "top_k",
-                     "num_clusters", "lora_rank", "max_new_tokens", "warmup_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("hidden_size", "num_layers", "num_heads", "dense_intermediate", "num_experts",
+                                  "top_k", "num_clusters", "lora_rank", "max_new_tokens", "warmup_epochs",
+                                  "batch_size"))
         if self.top_k > self.num_experts:
             raise UserInputError(f"--top-k must be at most --num-experts={self.num_experts}, got {self.top_k}")
         if self.warmup_lr <= 0:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError, check_device
+from ..errors import UserInputError, check_at_least_one, check_device
 from . import ctr, prompts, rl
 from .data import CtrData
 from .encoder import SentenceEncoder
@@ -47,9 +47,7 @@ class RlConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
-        for name in ("rounds", "steps", "batch_pairs"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("rounds", "steps", "batch_pairs"))
         if self.group < 2:
             raise UserInputError(f"--group must be at least 2 (GRPO compares samples of one prompt), got {self.group}")
         if self.lr <= 0 or self.kl_coef < 0 or self.temperature <= 0:

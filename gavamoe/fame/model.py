@@ -36,7 +36,7 @@ from torch import nn
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError
+from ..errors import UserInputError, check_at_least_one
 
 MODELS = ("fame", "sasrec")
 HEAD_MIXES = ("logits", "probs")
@@ -60,9 +60,7 @@ class SeqRecConfig:
             raise UserInputError(f"--model must be one of {', '.join(MODELS)}, got {self.model}")
         if self.head_mix not in HEAD_MIXES:
             raise UserInputError(f"--head-mix must be one of {', '.join(HEAD_MIXES)}, got {self.head_mix}")
-        for name in ("num_items", "dim", "num_layers", "num_heads", "num_experts", "max_len"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("num_items", "dim", "num_layers", "num_heads", "num_experts", "max_len"))
         if self.dim % self.num_heads:
             raise UserInputError(f"--dim {self.dim} must be a multiple of --num-heads {self.num_heads}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import plots
-from ..errors import UserInputError, check_device
+from ..errors import UserInputError, check_at_least_one, check_device
 from .data import Sequences, Split, leave_one_out
 from .metrics import normalized_mutual_information as nmi
 from .metrics import ranking_metrics, target_ranks
@@ -38,9 +38,7 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
-        for name in ("epochs", "patience", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("epochs", "patience", "batch_size"))
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserInputError(f"--lr must be positive and --weight-decay non-negative, got {self.lr}, "
                                  f"{self.weight_decay}")

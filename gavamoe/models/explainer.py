@@ -27,7 +27,7 @@ from torch import nn
 import gavamoe_kernels as gk
 
 from ..data.text import ITEM_TOKEN, USER_TOKEN, prepare_tokenizer
-from ..errors import UserInputError, check_model_path
+from ..errors import UserInputError, check_at_least_one, check_model_path
 from .vae_gmm import VaeGmm
 
 # Attention projections that LoRA adapts, per architecture family.
@@ -54,10 +54,8 @@ class ExplainerConfig:
     max_positions: int = 512
 
     def __post_init__(self):
-        for name in ("num_clusters", "num_experts", "top_k", "hidden_size", "num_layers", "num_heads",
-                     "dense_intermediate", "max_positions"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_at_least_one(self, ("num_clusters", "num_experts", "top_k", "hidden_size", "num_layers", "num_heads",
+                                  "dense_intermediate", "max_positions"), str)
         if self.top_k > self.num_experts:
             raise UserInputError(f"--top-k must be at most --num-experts={self.num_experts}, got {self.top_k}")
         if self.expert_intermediate is not None and self.expert_intermediate < 1:
