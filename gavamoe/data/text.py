@@ -173,14 +173,20 @@ def _clusters(split: EncodedSplit, rows: list[int]) -> dict[str, torch.Tensor]:
     return {} if split.clusters is None else {"clusters": split.clusters[rows]}
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), each (B, longest) int64, padded on the left
+    (as generation wants: every sequence ends at the last column)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, s in enumerate(sequences):
+        input_ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attention_mask[b, width - len(s):] = 1
+    return input_ids, attention_mask
+
+
 def prompt_batch(split: EncodedSplit, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Prompts only, left-padded for generation."""
-    width = max(len(split.prompts[i]) for i in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, i in enumerate(rows):
-        n = len(split.prompts[i])
-        input_ids[b, width - n:] = torch.tensor(split.prompts[i])
-        attention_mask[b, width - n:] = 1
+    input_ids, attention_mask = left_pad([split.prompts[i] for i in rows], pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "users": split.users[rows], "items": split.items[rows], **_clusters(split, rows)}

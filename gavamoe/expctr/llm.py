@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 import gavamoe_kernels as gk
 
-from ..data.text import train_tokenizer
+from ..data.text import left_pad, train_tokenizer
 from ..errors import UserInputError, check_at_least_one
 from ..models.explainer import ExplainerConfig, add_lora, tiny_llama
 from . import prompts
@@ -113,11 +113,7 @@ class ExplanationLM:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), 1
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
     def _logits(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
