@@ -99,14 +99,8 @@ def auc(labels, scores) -> float:
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    for end in range(1, len(scores) + 1):  # mid-ranks of tied runs
-        if end == len(scores) or sorted_scores[end] != sorted_scores[start]:
-            ranks[order[start:end]] = 0.5 * (start + end + 1)
-            start = end
+    _, run, count = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(count) - 0.5 * (count - 1))[run]  # 1-based mid-rank of each tied run
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

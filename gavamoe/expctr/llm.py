@@ -121,9 +121,11 @@ class ExplanationLM:
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, **self.routing(users)).logits
 
     def warm_up(self, data: CtrData, pairs: np.ndarray, seed: int) -> list[float]:
-        """Full training on prompt -> random well-formed explanation -> question -> the answer its
-        verdict states (see the module docstring); returns the loss per step."""
+        """Full training on prompt -> explanation with the true readings and the common-sense
+        verdict -> question -> the answer that verdict states (see the module docstring); returns
+        the loss per step."""
         rng = np.random.default_rng(seed)
+        question = self._text_ids(prompts.QUESTION)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.warmup_lr, weight_decay=0.0)
         losses = []
         self.model.train()
@@ -139,7 +141,6 @@ class ExplanationLM:
                     head = self.prompt_ids(data, p)
                     tail = [*self._text_ids(text), self.tokenizer.eos_token_id]
                     answer = self.answer_ids[prompts.ANSWERS.index(prompts.judge_answer(text))]
-                    question = self._text_ids(prompts.QUESTION)
                     rows.append([*head, *tail, *question, answer])
                     # learn the explanation (with its end) and the answer; not the prompt or question
                     targets.append([-100] * len(head) + tail + [-100] * len(question) + [answer])
