@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from gavamoe.models.explainer import ExplainerConfig, load_tokenizer, tiny_llama
 from gavamoe.runs import Run
 from gavamoe.stage2 import Stage2Config
 from gavamoe.train import main as train_main
+from tests.helpers import torchrun
 
 TINY_DATA = ["--synthetic-users", "200", "--synthetic-items", "150", "--synthetic-records", "3000"]
 TINY_STAGE2 = ["--stage2-batch-size", "32", "--stage2-epochs", "1", "--max-explanation-tokens", "16",
@@ -170,13 +168,8 @@ def test_bf16_base_trains_fp32_masters_step_for_step_with_an_fp32_run(stage1, tm
     assert lost > 0.5, float(lost)
 
 
-def _torchrun(out, *flags, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "gavamoe.train", "--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2,
-           "--stage2-batch-size", "16", *flags]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def _torchrun(out, *flags):
+    torchrun(2, "--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2, "--stage2-batch-size", "16", *flags)
 
 
 @pytest.mark.slow
@@ -227,13 +220,8 @@ def test_fsdp_cpu_offload_on_one_gpu(stage1, tmp_path):
     CUDA: FSDP2's CPU offload copies host shards to the GPU for compute, which a CPU run cannot show."""
     out = tmp_path / "offload"
     Run(stage1).fork(out)
-    flags = ["--fsdp", "--cpu-offload", "--gradient-checkpointing"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
-           "gavamoe.train", "--out", str(out), "--stage", "2", *TINY_DATA,
-           *[a if a != "cpu" else "cuda" for a in TINY_STAGE2], *flags]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(1, "--out", str(out), "--stage", "2", *TINY_DATA, *[a if a != "cpu" else "cuda" for a in TINY_STAGE2],
+             "--fsdp", "--cpu-offload", "--gradient-checkpointing", timeout=600)
     metrics = json.loads((out / "stage2" / "metrics.json").read_text())
     assert metrics["memory_plan"]["cpu_offload"] and math.isfinite(metrics["validation"]["perplexity"])
     assert metrics["validation"]["perplexity"] < 3

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from gavamoe.models.explainer import Explainer, ExplainerConfig, load_tokenizer
 from gavamoe.runs import Run
 from gavamoe.train import main as train_main
 from gavamoe_kernels.moe.hf import MoEMLP
+from tests.helpers import torchrun
 
 TINY_DATA = ["--synthetic-users", "200", "--synthetic-items", "150", "--synthetic-records", "3000"]
 TINY_STAGE1 = ["--embed-dim", "32", "--latent-dim", "8", "--pretrain-epochs", "2", "--epochs", "2"]
@@ -306,12 +304,7 @@ def test_ddp_two_processes_end_with_identical_weights(run, tmp_path):
     """torchrun, 2 CPU processes, gloo: DistributedDataParallel keeps both ranks' weights equal."""
     out = tmp_path / "ddp"
     Run(run).fork(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gavamoe.train", "--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2,
-           "--stage2-batch-size", "16"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(2, "--out", str(out), "--stage", "2", *TINY_DATA, *TINY_STAGE2, "--stage2-batch-size", "16")
     metrics = json.loads((out / "stage2" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["steps"] == 75  # global batch 2 x 16 = 32, as in the single-process run
