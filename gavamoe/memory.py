@@ -167,11 +167,10 @@ def dry_run(stage1_config, stage2_config, num_users: int, num_items: int, world_
     processes, from the model built on the meta device (nothing is loaded, trained or written).
     It plans GPUs (bf16 compute, whatever --device says here); the sequence is
     DRY_RUN_PROMPT_TOKENS + max_explanation_tokens long."""
-    from .models.vae_gmm import VaeGmmConfig
+    from .stage1 import vae_config
 
-    vae_config = VaeGmmConfig(num_users, num_items, stage1_config.num_clusters, stage1_config.embed_dim,
-                              stage1_config.latent_dim)
-    model = build_on_meta(stage2_config, vae_config)
+    # the history tables (8 bytes a training rating) are left out of the plan: num_history 0
+    model = build_on_meta(stage2_config, vae_config(stage1_config, num_users, num_items, num_history=0))
     if stage2_config.gradient_checkpointing:
         scaling.enable_checkpointing(model.lm)
     return plan_memory(model, world_size=world_size, fsdp=stage2_config.fsdp, cpu_offload=stage2_config.cpu_offload,

@@ -3,8 +3,9 @@
 Writes PETER-format review sets with 4 planted user groups from three generators (make_synthetic's
 rating styles, and planted_reviews' "taste" and "level", written independently of it), at several
 data sizes, trains stage 1 on each as a user would (python -m gavamoe.train --stage 1 --data PATH,
-at the defaults; only --embed-dim varies in the width rows), and reports the adjusted Rand index
-of the users' majority clusters against their groups (ari_users), the pairs' ARI and the test RMSE.
+at the defaults; only --embed-dim varies in the width rows; the size rows vary the users at 20
+records each), and reports the adjusted Rand index of the users' majority clusters against their
+groups (ari_users), the pairs' ARI and the test RMSE.
 Writes OUT/results.json and OUT/results.md (the README's stage-1 table).
 """
 
@@ -23,9 +24,10 @@ from .errors import run_cli
 
 KINDS = ("synthetic", "taste", "level")
 # (generator, users, records, embed_dim): each generator at the default width of a PETER file (None:
-# 768), then at width 128
+# 768), then at width 128, then the planted generators at half and twice the size (20 records a user)
 QUICK = [(kind, 600, 12000, None) for kind in KINDS]
-GRID = [*QUICK, *[(kind, 600, 12000, 128) for kind in KINDS]]
+GRID = [*QUICK, *[(kind, 600, 12000, 128) for kind in KINDS],
+        *[(kind, users, 20 * users, None) for users in (300, 1200) for kind in ("taste", "level")]]
 FIELDS = ("user", "item", "rating", "template", "group")
 
 

@@ -341,8 +341,10 @@ def _setup(data: ReviewData, out_dir: Path, config: Stage2Config) -> _Training:
     if config.fsdp:
         scaling.shard(model, model.lm, dtype, config.cpu_offload)
     elif ctx.world > 1:
+        # no buffer changes in training (the VAE's history tables, rotary tables): nothing to
+        # broadcast before every step
         trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     micro_per_epoch = len(_epoch_batches(len(train), 0, config, ctx))
     total_steps = config.epochs * math.ceil(micro_per_epoch / config.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -48,6 +48,8 @@ PRESETS: dict[str, dict] = {"default": {}, "paper": {
     # stage 1, released code: the reconstruction term scaled by 2 * embed_dim (embed_dim 768, the paper's),
     # of the pair's own rating only (no user context: README, stage 1)
     "recon_scale": 2 * 768.0, "embed_dim": 768, "context_ratings": 0,
+    # stage 1, paper §3.2: a free embedding per user, and the encoder as wide as the embeddings
+    "user_code": "embedding", "encoder_dim": None,
     # stage 2, paper §4.1.3: batch 1 with gradient accumulation 8, lr 3e-5, 3 epochs (the released
     # code accumulates 16 and trains 1 epoch in its TrainingArguments; the paper's text is followed)
     "stage2_batch_size": 1, "grad_accum": 8, "stage2_lr": 3e-5, "stage2_epochs": 3,
@@ -81,6 +83,9 @@ HELP = {
     "sentiment": "the prompt's positive / negative from the rating (>= 3, the paper's input) or the template",
     "fsdp": "shard stage 2 with FSDP2 across the processes of torchrun (default: DDP when there are several)",
     "cpu_offload": "with --fsdp: keep parameters, gradients and optimizer state in host memory (one 80 GB GPU at 8B)",
+    "user_code": "the VAE's user vector: 'history' (the mean embedding of the user's (item, rating) pairs) or "
+                 "'embedding' (the paper's free embedding per user)",
+    "encoder_dim": "width of the VAE's encoder Transformer (the paper's: --embed-dim)",
     "gradient_checkpointing": "recompute each decoder layer in backward instead of keeping its activations",
 }
 

@@ -183,7 +183,7 @@ class Explainer(nn.Module):
         """Token embeddings (B, S, H) with every <user> / <item> position replaced by the row's
         projected user / item embedding; vectorised over the batch."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # [B, S, H]
-        user = self.user_proj(self.vae.user_embedding(users)).to(embeds.dtype)  # [B, H]
+        user = self.user_proj(self.vae.user_vector(users)).to(embeds.dtype)  # [B, H]
         item = self.item_proj(self.vae.item_embedding(items)).to(embeds.dtype)
         embeds = torch.where((input_ids == self.user_token_id)[..., None], user[:, None], embeds)
         return torch.where((input_ids == self.item_token_id)[..., None], item[:, None], embeds)
@@ -232,7 +232,7 @@ class Explainer(nn.Module):
         from .vae_gmm import VaeGmmConfig
 
         config = ExplainerConfig(**checkpoint["config"])
-        model = cls(config, VaeGmm(VaeGmmConfig(**checkpoint["vae_config"])),
+        model = cls(config, VaeGmm(VaeGmmConfig.from_saved(checkpoint["vae_config"])),
                     load_language_model(config, tokenizer), tokenizer)
         model.load_state_dict(checkpoint["state_dict"])
         return model

@@ -1,6 +1,6 @@
 """Stage 1 of GaVaMoE: a VAE over (user, item) pairs with a Gaussian-mixture prior (VaDE).
 
-Encoder: user and item embeddings -> two-layer Transformer encoder over the pair ->
+Encoder: a user vector and the item's embedding -> two-layer Transformer encoder over the pair ->
 mu, logvar of z. Decoder: MLP (z, an item's embedding) -> that item's rating. Prior: K diagonal
 Gaussians (log_pi, mu_c, logvar_c). The clusters' responsibilities gamma come from the fused
 kernel (gavamoe_kernels.gmm_log_responsibilities), in log space, so they never underflow.
@@ -14,6 +14,15 @@ levels rather than users. Here z of (u, i) also reconstructs ``context`` other r
 user, (u, j) -> r_uj through the decoder given item j, so z must carry the user's taste and the
 clusters can follow user groups (README, stage 1: the recovery table). ``context=None`` is the
 paper's reconstruction.
+
+User vector (our deviation, README "stage 1"): the paper learns a free embedding per user
+(``user_code="embedding"``). By default (``"history"``) a user's vector is the mean, over the user's
+training ratings, of a learnt embedding of each (item, rating) pair, as SVD++ pools a user's
+items: every row is shared by all users who gave that item that rating, so a user with 16 ratings
+is placed among the users who rated alike instead of by 16 gradient steps on a free vector. The
+tables of training ratings are buffers (``set_history``), saved with the model. The encoder
+Transformer runs at ``encoder_dim`` (the embeddings are projected to it), so its width and
+stability do not change with the embedding width.
 """
 
 from __future__ import annotations
@@ -40,6 +49,17 @@ class VaeGmmConfig:
     num_layers: int = 2
     decoder_hidden: int = 256
     dropout: float = 0.1
+    user_code: str = "history"  # "history" (module docstring) or "embedding" (the paper's free embedding per user)
+    num_history: int = 0  # training ratings in the history tables (user_code "history"; set_history fills them)
+    encoder_dim: int | None = 128  # width of the encoder Transformer (None: embed_dim, the paper's)
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> VaeGmmConfig:
+        """The config of a checkpoint; one saved before user_code existed had the paper's model."""
+        return cls(**{"user_code": "embedding", "encoder_dim": None, **saved})
+
+
+USER_CODES = ("history", "embedding")
 
 
 class VaeGmm(nn.Module):
@@ -47,16 +67,26 @@ class VaeGmm(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        if c.embed_dim % c.num_heads:
-            raise ValueError(f"embed_dim={c.embed_dim} must be a multiple of num_heads={c.num_heads}")
-        self.user_embedding = nn.Embedding(c.num_users, c.embed_dim)
+        width = c.encoder_dim or c.embed_dim
+        if width % c.num_heads:
+            raise ValueError(f"the encoder width {width} must be a multiple of num_heads={c.num_heads}")
+        if c.user_code not in USER_CODES:
+            raise ValueError(f"user_code must be one of {USER_CODES}, got {c.user_code!r}")
+        if c.user_code == "history":
+            # row item * NUM_RATINGS + rating class; the users' rows in CSR form
+            user_table = self.history_embedding = nn.Embedding(c.num_items * NUM_RATINGS, c.embed_dim)
+            self.register_buffer("history_rows", torch.zeros(c.num_history, dtype=torch.long))
+            self.register_buffer("history_offsets", torch.zeros(c.num_users + 1, dtype=torch.long))
+        else:
+            user_table = self.user_embedding = nn.Embedding(c.num_users, c.embed_dim)
         self.item_embedding = nn.Embedding(c.num_items, c.embed_dim)
-        nn.init.normal_(self.user_embedding.weight, std=0.1)
+        nn.init.normal_(user_table.weight, std=0.1)
         nn.init.normal_(self.item_embedding.weight, std=0.1)
-        layer = nn.TransformerEncoderLayer(c.embed_dim, c.num_heads, 2 * c.embed_dim, c.dropout, batch_first=True)
+        self.to_encoder = nn.Linear(c.embed_dim, width) if width != c.embed_dim else nn.Identity()
+        layer = nn.TransformerEncoderLayer(width, c.num_heads, 2 * width, c.dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, c.num_layers, enable_nested_tensor=False)
-        self.to_mu = nn.Linear(2 * c.embed_dim, c.latent_dim)
-        self.to_logvar = nn.Linear(2 * c.embed_dim, c.latent_dim)
+        self.to_mu = nn.Linear(2 * width, c.latent_dim)
+        self.to_logvar = nn.Linear(2 * width, c.latent_dim)
         # pretraining uses z = mu and never trains this head: start the posterior narrow
         # (std 0.14) so that sampling in the ELBO phase does not drown the pretrained signal
         nn.init.zeros_(self.to_logvar.weight)
@@ -68,10 +98,41 @@ class VaeGmm(nn.Module):
         self.mu_c = nn.Parameter(torch.randn(c.num_clusters, c.latent_dim))
         self.logvar_c = nn.Parameter(torch.zeros(c.num_clusters, c.latent_dim))
 
+    @torch.no_grad()
+    def set_history(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> None:
+        """Fill the history tables (user_code "history") from the training ratings: users, items
+        (N,) int64 and ratings (N,), N = config.num_history."""
+        c = self.config
+        if c.user_code != "history":
+            raise ValueError(f"set_history needs user_code='history', this model has {c.user_code!r}")
+        if not len(users) == len(items) == len(ratings) == c.num_history:
+            raise ValueError(f"set_history takes num_history={c.num_history} ratings, got users {len(users)}, "
+                             f"items {len(items)}, ratings {len(ratings)}")
+        if len(users) and (users.min() < 0 or users.max() >= c.num_users or items.min() < 0
+                           or items.max() >= c.num_items):
+            raise ValueError(f"users must lie in [0, {c.num_users}) and items in [0, {c.num_items})")
+        order = torch.argsort(users, stable=True)
+        self.history_rows.copy_(items[order] * NUM_RATINGS + rating_class(ratings[order]))
+        counts = torch.bincount(users, minlength=c.num_users)
+        self.history_offsets.copy_(F.pad(torch.cumsum(counts, 0), (1, 0)))
+
+    def user_vector(self, users: torch.Tensor) -> torch.Tensor:
+        """The users' vectors (B, embed_dim): the mean history embedding of each user's training
+        ratings (zero for a user without any), or the free embedding (user_code "embedding")."""
+        if self.config.user_code == "embedding":
+            return self.user_embedding(users)
+        start, count = self.history_offsets[users], self.history_offsets[users + 1] - self.history_offsets[users]
+        segment = torch.repeat_interleave(torch.arange(len(users), device=users.device), count)
+        first = torch.cumsum(count, 0) - count  # each user's first position in the flat list
+        rows = self.history_rows[start[segment] + torch.arange(len(segment), device=users.device) - first[segment]]
+        pooled = self.history_embedding(rows)  # [sum(count), E]
+        total = pooled.new_zeros(len(users), pooled.shape[-1]).index_add_(0, segment, pooled)
+        return total / count.clamp_min(1)[:, None].to(total.dtype)
+
     def encode(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z | user, item); each (B, latent_dim)."""
-        pair = torch.stack([self.user_embedding(users), self.item_embedding(items)], dim=1)  # [B, 2, E]
-        h = self.encoder(pair).flatten(1)  # [B, 2E]
+        pair = torch.stack([self.user_vector(users), self.item_embedding(items)], dim=1)  # [B, 2, E]
+        h = self.encoder(self.to_encoder(pair)).flatten(1)  # [B, 2 * encoder width]
         return self.to_mu(h), self.to_logvar(h).clamp(-10, 10)
 
     def rating_logits(self, z: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -166,7 +227,7 @@ class VaeGmm(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> VaeGmm:
-        model = cls(VaeGmmConfig(**checkpoint["config"]))
+        model = cls(VaeGmmConfig.from_saved(checkpoint["config"]))
         model.load_state_dict(checkpoint["state_dict"])
         return model
 

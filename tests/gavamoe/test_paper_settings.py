@@ -18,6 +18,7 @@ def test_preset_paper_sets_the_papers_values_and_flags_win(tmp_path):
     assert (s1.batch_size, s1.lr, s1.epochs, s1.lr_step_epochs, s1.lr_step_gamma) == (4096, 1e-5, 30, 10, 0.5)
     assert (s1.beta_start, s1.beta_step, s1.beta_step_epochs, s1.beta) == (0.01, 0.005, 5, 0.1)
     assert s1.recon_scale == 2 * s1.embed_dim == 1536
+    assert (s1.user_code, s1.encoder_dim, s1.context_ratings) == ("embedding", None, 0)
     assert (s2.batch_size, s2.grad_accum, s2.lr, s2.epochs, s2.clip) == (1, 8, 3e-5, 3, 0.3)
     assert (s2.explainer.lora_rank, s2.max_explanation_tokens, s2.preset) == (8, 30, "paper")
     assert set(PRESETS["paper"]) <= set(vars(args))  # every preset value is a flag

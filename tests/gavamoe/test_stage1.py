@@ -94,3 +94,57 @@ def test_context_reconstruction_adds_the_users_other_ratings():
     others = torch.nn.functional.cross_entropy(logits.flatten(0, 1), (other_ratings - 1).long().flatten())
     torch.testing.assert_close(got, own + others)
     torch.testing.assert_close(vae.reconstruction_loss(users, items, ratings, sample=False), own)
+
+
+def _history_vae():
+    """A history VAE of 4 users (user 3 without ratings) over 5 items, float64."""
+    torch.manual_seed(0)
+    users, items = torch.tensor([2, 0, 2, 1, 2, 0]), torch.tensor([4, 1, 0, 3, 4, 2])
+    ratings = torch.tensor([5.0, 1, 3, 4, 2, 1])
+    vae = VaeGmm(VaeGmmConfig(4, 5, 3, 16, 4, num_heads=2, num_history=6, encoder_dim=8)).double()
+    vae.set_history(users, items, ratings)
+    return vae, users, items, ratings
+
+
+def test_user_vector_is_the_mean_embedding_of_the_users_item_ratings():
+    vae, users, items, ratings = _history_vae()
+    table = vae.history_embedding.weight
+    want = torch.zeros(4, 16, dtype=torch.float64)
+    for u in range(3):
+        rows = [int(i) * 5 + int(r) - 1 for v, i, r in zip(users, items, ratings, strict=True) if v == u]
+        want[u] = table[rows].mean(0)
+    query = torch.tensor([2, 3, 0, 2, 1])  # repeats, and user 3 (no ratings: the zero vector)
+    got = vae.user_vector(query)
+    torch.testing.assert_close(got, want[query])
+    got.square().sum().backward()  # every row of the users' ratings gets a gradient, no other row
+    touched = (vae.history_embedding.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert touched == sorted({int(i) * 5 + int(r) - 1 for i, r in zip(items, ratings, strict=True)})
+    assert vae.encode(query, torch.tensor([0, 1, 2, 3, 4]))[0].shape == (5, 4)
+
+
+def test_history_is_saved_with_the_model_and_checked():
+    vae, users, items, ratings = _history_vae()
+    loaded = VaeGmm.from_checkpoint(vae.checkpoint()).double()
+    torch.testing.assert_close(loaded.user_vector(torch.arange(4)), vae.user_vector(torch.arange(4)))
+    with pytest.raises(ValueError, match="num_history=6"):
+        vae.set_history(users[:5], items[:5], ratings[:5])
+    with pytest.raises(ValueError, match=r"items in \[0, 5\)"):
+        vae.set_history(users, items + 1, ratings)
+    paper = VaeGmm(VaeGmmConfig(4, 5, 3, 16, 4, num_heads=2, user_code="embedding", encoder_dim=None))
+    with pytest.raises(ValueError, match="user_code='history'"):
+        paper.set_history(users, items, ratings)
+    torch.testing.assert_close(paper.user_vector(torch.tensor([1])), paper.user_embedding.weight[1:2])
+    saved = paper.checkpoint()  # a checkpoint from before user_code existed: the paper's model
+    saved["config"] = {k: v for k, v in saved["config"].items() if k not in ("user_code", "num_history", "encoder_dim")}
+    assert VaeGmm.from_checkpoint(saved).config.user_code == "embedding"
+
+
+def test_the_papers_user_embedding_still_trains(tmp_path):
+    """--user-code embedding --encoder-dim 64 (the paper's VAE at this width) on the small set:
+    measured ARI 1.0 over the users' majority clusters at seed 0."""
+    paper_model = ["--user-code", "embedding", "--encoder-dim", "64"]
+    assert main(["--out", str(tmp_path), "--stage", "1", *SMALL, *paper_model]) == 0
+    metrics = json.loads((tmp_path / "stage1" / "metrics.json").read_text())
+    assert metrics["config"]["user_code"] == "embedding" and metrics["ari_users"] >= 0.9
+    model = VaeGmm.from_checkpoint(torch.load(tmp_path / "stage1" / "model.pt", weights_only=True))
+    assert model.config.user_code == "embedding" and not hasattr(model, "history_rows")

@@ -50,7 +50,9 @@ def test_training_writes_the_run_and_learns(run):
     # measured: validation perplexity 1.72 after this one epoch (3.67 at lr 1e-3); a model that
     # learnt nothing sits near the vocabulary size (hundreds)
     assert metrics["validation"]["perplexity"] < 2.5
-    assert history["aux"] >= 1.0 - 1e-4  # the Switch loss is at least 1 (1 when balanced)
+    # the Switch loss E * sum_i f_i P_i is 1 when balanced and grows with imbalance; it is not bounded
+    # below by 1 (routed fractions f and mean probabilities P can disagree: measured 0.99985 here)
+    assert 0.9 <= history["aux"] <= 1.5
     model, _ = _load(run)
     moes = [m for m in model.lm.modules() if isinstance(m, MoEMLP)]
     assert len(moes) == 2 and moes[0].moe.gate_weight.shape[:2] == (4, 4)  # 4 clusters x 4 experts
@@ -202,7 +204,7 @@ def test_placeholders_carry_the_projected_embeddings(run):
     embeds = model.input_embeddings(batch["input_ids"], batch["users"], batch["items"])
     table = model.lm.get_input_embeddings().weight
     for b in range(3):
-        user = model.user_proj(model.vae.user_embedding(batch["users"][b]))
+        user = model.user_proj(model.vae.user_vector(batch["users"][b:b + 1])[0])
         item = model.item_proj(model.vae.item_embedding(batch["items"][b]))
         for s, token in enumerate(batch["input_ids"][b].tolist()):
             want = user if token == model.user_token_id else item if token == model.item_token_id else table[token]
