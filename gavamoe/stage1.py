@@ -26,7 +26,7 @@ from .data import ReviewData
 from .errors import UserInputError, check_at_least_one, check_device
 from .metrics import adjusted_rand_index, mae, rmse, user_majority_ari
 from .models import VaeGmm, VaeGmmConfig
-from .models.vae_gmm import USER_CODES
+from .models.vae_gmm import USER_CODES, group_by_user
 
 
 @dataclass
@@ -105,10 +105,9 @@ class UserContext:
     copies them up and never waits to read the batch's users back."""
 
     def __init__(self, train: dict[str, torch.Tensor], num_users: int, size: int, seed: int, device):
-        order = torch.argsort(train["user"], stable=True)
+        order, offsets = group_by_user(train["user"], num_users)
         self.items, self.ratings = train["item"][order].to(device), train["rating"][order].to(device)
-        counts = torch.bincount(train["user"], minlength=num_users)
-        self.counts, self.offsets = counts.to(device), (torch.cumsum(counts, 0) - counts).to(device)
+        self.counts, self.offsets = offsets.diff().to(device), offsets[:-1].to(device)
         self.size, self.device = size, device
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -111,20 +111,20 @@ class VaeGmm(nn.Module):
         if len(users) and (users.min() < 0 or users.max() >= c.num_users or items.min() < 0
                            or items.max() >= c.num_items):
             raise ValueError(f"users must lie in [0, {c.num_users}) and items in [0, {c.num_items})")
-        order = torch.argsort(users, stable=True)
+        order, offsets = group_by_user(users, c.num_users)
         self.history_rows.copy_(items[order] * NUM_RATINGS + rating_class(ratings[order]))
-        counts = torch.bincount(users, minlength=c.num_users)
-        self.history_offsets.copy_(F.pad(torch.cumsum(counts, 0), (1, 0)))
+        self.history_offsets.copy_(offsets)
 
     def user_vector(self, users: torch.Tensor) -> torch.Tensor:
         """The users' vectors (B, embed_dim): the mean history embedding of each user's training
         ratings (zero for a user without any), or the free embedding (user_code "embedding")."""
         if self.config.user_code == "embedding":
             return self.user_embedding(users)
-        start, count = self.history_offsets[users], self.history_offsets[users + 1] - self.history_offsets[users]
+        start, end = self.history_offsets[users], self.history_offsets[users + 1]
+        count = end - start
         segment = torch.repeat_interleave(torch.arange(len(users), device=users.device), count)
         first = torch.cumsum(count, 0) - count  # each user's first position in the flat list
-        rows = self.history_rows[start[segment] + torch.arange(len(segment), device=users.device) - first[segment]]
+        rows = self.history_rows[(start - first)[segment] + torch.arange(len(segment), device=users.device)]
         pooled = self.history_embedding(rows)  # [sum(count), E]
         total = pooled.new_zeros(len(users), pooled.shape[-1]).index_add_(0, segment, pooled)
         return total / count.clamp_min(1)[:, None].to(total.dtype)
@@ -230,6 +230,13 @@ class VaeGmm(nn.Module):
         model = cls(VaeGmmConfig.from_saved(checkpoint["config"]))
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+
+def group_by_user(users: torch.Tensor, num_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The records grouped by user: ``order`` (N,) sorts them by user (stably), and user u's
+    records are order[offsets[u]:offsets[u + 1]] (offsets (num_users + 1,), CSR form)."""
+    counts = torch.bincount(users, minlength=num_users)
+    return torch.argsort(users, stable=True), F.pad(torch.cumsum(counts, 0), (1, 0))
 
 
 def rating_class(ratings: torch.Tensor) -> torch.Tensor:
