@@ -52,7 +52,7 @@ runbook-dry-run: venv
 	$(BIN)/python -m benchmarks.runbook check --dry-run
 	for suite in moe decode router gmm fame; do $(BIN)/python -m benchmarks.runbook bench --suite $$suite --dry-run || exit 1; done
 
-# Both stages, the two ablations, generation and metrics on the default synthetic data (runs/demo/).
+# Both stages, the three ablations, generation and metrics on the default synthetic data (runs/demo/).
 demo: venv
 	$(BIN)/python -m pip install -q -e ".[demo]"
 	$(BIN)/python -m gavamoe.demo --out runs/demo

@@ -86,6 +86,8 @@ HELP = {
     "user_code": "the VAE's user vector: 'history' (the mean embedding of the user's (item, rating) pairs) or "
                  "'embedding' (the paper's free embedding per user)",
     "encoder_dim": "width of the VAE's encoder Transformer (the paper's: --embed-dim)",
+    "history_dropout": "with --user-code history: in training, the chance that each rating is left out of its "
+                       "user's vector",
     "gradient_checkpointing": "recompute each decoder layer in backward instead of keeping its activations",
 }
 

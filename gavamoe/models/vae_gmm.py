@@ -20,7 +20,10 @@ User vector (our deviation, README "stage 1"): the paper learns a free embedding
 training ratings, of a learnt embedding of each (item, rating) pair, as SVD++ pools a user's
 items: every row is shared by all users who gave that item that rating, so a user with 16 ratings
 is placed among the users who rated alike instead of by 16 gradient steps on a free vector. The
-tables of training ratings are buffers (``set_history``), saved with the model. The encoder
+tables of training ratings are buffers (``set_history``), saved with the model. In training, each
+of a user's ratings is left out of the mean with probability ``history_dropout``: the context
+ratings that z reconstructs are among the user's own ratings, and without the dropout the
+embedding learns to hand them through rather than to place the user among users alike. The encoder
 Transformer runs at ``encoder_dim`` (the embeddings are projected to it), so its width and
 stability do not change with the embedding width.
 """
@@ -52,11 +55,13 @@ class VaeGmmConfig:
     user_code: str = "history"  # "history" (module docstring) or "embedding" (the paper's free embedding per user)
     num_history: int = 0  # training ratings in the history tables (user_code "history"; set_history fills them)
     encoder_dim: int | None = 128  # width of the encoder Transformer (None: embed_dim, the paper's)
+    history_dropout: float = 0.5  # in training, the chance that each rating is left out of a user's vector
 
     @classmethod
     def from_saved(cls, saved: dict) -> VaeGmmConfig:
-        """The config of a checkpoint; one saved before user_code existed had the paper's model."""
-        return cls(**{"user_code": "embedding", "encoder_dim": None, **saved})
+        """The config of a checkpoint; one saved before user_code existed had the paper's model, and
+        one saved before history_dropout existed was trained without it."""
+        return cls(**{"user_code": "embedding", "encoder_dim": None, "history_dropout": 0.0, **saved})
 
 
 USER_CODES = ("history", "embedding")
@@ -72,6 +77,8 @@ class VaeGmm(nn.Module):
             raise ValueError(f"the encoder width {width} must be a multiple of num_heads={c.num_heads}")
         if c.user_code not in USER_CODES:
             raise ValueError(f"user_code must be one of {USER_CODES}, got {c.user_code!r}")
+        if not 0 <= c.history_dropout < 1:
+            raise ValueError(f"history_dropout must lie in [0, 1), got {c.history_dropout}")
         if c.user_code == "history":
             # row item * NUM_RATINGS + rating class; the users' rows in CSR form
             user_table = self.history_embedding = nn.Embedding(c.num_items * NUM_RATINGS, c.embed_dim)
@@ -117,7 +124,9 @@ class VaeGmm(nn.Module):
 
     def user_vector(self, users: torch.Tensor) -> torch.Tensor:
         """The users' vectors (B, embed_dim): the mean history embedding of each user's training
-        ratings (zero for a user without any), or the free embedding (user_code "embedding")."""
+        ratings (zero for a user without any), or the free embedding (user_code "embedding"). In
+        training mode each rating is left out with probability config.history_dropout (the mean is
+        over those kept; zero where none is)."""
         if self.config.user_code == "embedding":
             return self.user_embedding(users)
         start, end = self.history_offsets[users], self.history_offsets[users + 1]
@@ -126,6 +135,10 @@ class VaeGmm(nn.Module):
         first = torch.cumsum(count, 0) - count  # each user's first position in the flat list
         rows = self.history_rows[(start - first)[segment] + torch.arange(len(segment), device=users.device)]
         pooled = self.history_embedding(rows)  # [sum(count), E]
+        if self.training and self.config.history_dropout:
+            kept = (torch.rand(len(rows), device=rows.device) >= self.config.history_dropout).to(pooled.dtype)
+            pooled = pooled * kept[:, None]
+            count = kept.new_zeros(len(users)).index_add_(0, segment, kept)
         total = pooled.new_zeros(len(users), pooled.shape[-1]).index_add_(0, segment, pooled)
         return total / count.clamp_min(1)[:, None].to(total.dtype)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import numpy as np
@@ -96,12 +97,13 @@ def test_context_reconstruction_adds_the_users_other_ratings():
     torch.testing.assert_close(vae.reconstruction_loss(users, items, ratings, sample=False), own)
 
 
-def _history_vae():
+def _history_vae(history_dropout: float = 0.0):
     """A history VAE of 4 users (user 3 without ratings) over 5 items, float64."""
     torch.manual_seed(0)
     users, items = torch.tensor([2, 0, 2, 1, 2, 0]), torch.tensor([4, 1, 0, 3, 4, 2])
     ratings = torch.tensor([5.0, 1, 3, 4, 2, 1])
-    vae = VaeGmm(VaeGmmConfig(4, 5, 3, 16, 4, num_heads=2, num_history=6, encoder_dim=8)).double()
+    vae = VaeGmm(VaeGmmConfig(4, 5, 3, 16, 4, num_heads=2, num_history=6, encoder_dim=8,
+                              history_dropout=history_dropout)).double()
     vae.set_history(users, items, ratings)
     return vae, users, items, ratings
 
@@ -122,6 +124,30 @@ def test_user_vector_is_the_mean_embedding_of_the_users_item_ratings():
     assert vae.encode(query, torch.tensor([0, 1, 2, 3, 4]))[0].shape == (5, 4)
 
 
+def test_history_dropout_leaves_ratings_out_in_training_only():
+    vae, users, items, ratings = _history_vae(history_dropout=0.5)
+    table = vae.history_embedding.weight
+    own = {u: [int(i) * 5 + int(r) - 1 for v, i, r in zip(users, items, ratings, strict=True) if v == u]
+           for u in range(3)}
+    subsets = {u: [] for u in own}  # which subset of each user's rows each draw kept
+    for _ in range(200):
+        got = vae.user_vector(torch.arange(4))
+        assert not got[3].any()  # no ratings: zero
+        for u, rows in own.items():
+            # the vector is the mean of some subset of the user's rows (zero when none is kept)
+            candidates = [c for n in range(len(rows) + 1) for c in itertools.combinations(rows, n)]
+            means = [table[list(c)].mean(0) if c else torch.zeros(16, dtype=torch.float64) for c in candidates]
+            match = [c for c, m in zip(candidates, means, strict=True) if torch.allclose(got[u], m)]
+            assert match, f"user {u}: not the mean of any subset of its ratings"
+            subsets[u].append(len(match[0]))
+    # user 2 has 3 ratings: every subset size occurs, about half of the ratings are kept
+    assert set(subsets[2]) == {0, 1, 2, 3} and 1.2 < np.mean(subsets[2]) < 1.8
+    vae.eval()  # evaluation and generation: every rating, as without the dropout
+    torch.testing.assert_close(vae.user_vector(torch.arange(3)), torch.stack([table[own[u]].mean(0) for u in own]))
+    with pytest.raises(ValueError, match=r"history_dropout must lie in \[0, 1\)"):
+        VaeGmm(VaeGmmConfig(4, 5, history_dropout=1.0))
+
+
 def test_history_is_saved_with_the_model_and_checked():
     vae, users, items, ratings = _history_vae()
     loaded = VaeGmm.from_checkpoint(vae.checkpoint()).double()
@@ -135,8 +161,13 @@ def test_history_is_saved_with_the_model_and_checked():
         paper.set_history(users, items, ratings)
     torch.testing.assert_close(paper.user_vector(torch.tensor([1])), paper.user_embedding.weight[1:2])
     saved = paper.checkpoint()  # a checkpoint from before user_code existed: the paper's model
-    saved["config"] = {k: v for k, v in saved["config"].items() if k not in ("user_code", "num_history", "encoder_dim")}
+    saved["config"] = {k: v for k, v in saved["config"].items()
+                       if k not in ("user_code", "num_history", "encoder_dim", "history_dropout")}
     assert VaeGmm.from_checkpoint(saved).config.user_code == "embedding"
+    # a history model saved before history_dropout existed was trained without it
+    saved = vae.checkpoint()
+    del saved["config"]["history_dropout"]
+    assert VaeGmm.from_checkpoint(saved).config.history_dropout == 0.0
 
 
 def test_the_papers_user_embedding_still_trains(tmp_path):

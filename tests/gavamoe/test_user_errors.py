@@ -36,6 +36,7 @@ def _error(capsys, prog, main, argv) -> str:
     (["--num-clusters", "0"], "--num-clusters must be at least 1"),
     (["--lr", "0"], "--lr must be positive"),
     (["--user-code", "ids"], "--user-code must be one of history, embedding, got 'ids'"),
+    (["--history-dropout", "1"], "--history-dropout must lie in [0, 1), got 1.0"),
     (["--encoder-dim", "0"], "--encoder-dim must be at least 1, got 0"),
     (["--encoder-dim", "100"], "--encoder-dim must be a multiple of the encoder's 8 heads, got 100"),
     (["--stage2-epochs", "0"], "--stage2-epochs must be at least 1"),
