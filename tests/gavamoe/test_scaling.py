@@ -38,12 +38,24 @@ LLAMA_3_1_8B = {
 }
 
 
+def _stage1(out, *flags):
+    assert train_main(["--out", str(out), "--stage", "1", *TINY_DATA, "--embed-dim", "32", "--latent-dim", "8",
+                       "--pretrain-epochs", "2", "--epochs", "2", "--device", "cpu", *flags]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    assert train_main(["--out", str(out), "--stage", "1", *TINY_DATA, "--embed-dim", "32", "--latent-dim", "8",
-                       "--pretrain-epochs", "2", "--epochs", "2", "--device", "cpu"]) == 0
-    return out
+    return _stage1(tmp_path_factory.mktemp("stage1"))
+
+
+@pytest.fixture(scope="module")
+def stage1_without_history_dropout(tmp_path_factory):
+    """For comparing FSDP with DDP step for step. With the history dropout, the two resumed runs
+    below draw the same dropout masks, rank by rank (checked), and agree to 1e-4 in the weights after 4 steps,
+    but after 71 more the VAE encoder's weights differ by up to 3% and the perplexity by 1e-4: the
+    reduction order's differences grow; without it they stay below 4e-7."""
+    return _stage1(tmp_path_factory.mktemp("stage1-no-dropout"), "--history-dropout", "0")
 
 
 def _stage2(stage1, out, *flags) -> int:
@@ -173,14 +185,14 @@ def _torchrun(out, *flags):
 
 
 @pytest.mark.slow
-def test_fsdp_trains_like_ddp_resumes_and_generates(stage1, tmp_path):
+def test_fsdp_trains_like_ddp_resumes_and_generates(stage1_without_history_dropout, tmp_path):
     """2 CPU processes, gloo, LoRA, MoE: FSDP2 with gradient checkpointing takes the same steps
     as DDP without it; its checkpoint (full state dicts) resumes under FSDP and under DDP alike,
     to the same weights; generation reads the sharded run's model.pt."""
     lora = ["--lora-rank", "4"]
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     for out in (ddp, fsdp):
-        Run(stage1).fork(out)
+        Run(stage1_without_history_dropout).fork(out)
     _torchrun(ddp, *lora, "--stop-after", "4")
     _torchrun(fsdp, *lora, "--stop-after", "4", "--fsdp", "--gradient-checkpointing")
     a, b = (torch.load(out / "stage2" / "checkpoint.pt", weights_only=True) for out in (ddp, fsdp))
