@@ -52,9 +52,9 @@ def stage1(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_without_history_dropout(tmp_path_factory):
     """For comparing FSDP with DDP step for step. With the history dropout, the two resumed runs
-    below draw the same dropout masks, rank by rank (checked), and agree to 1e-4 in the weights after 4 steps,
-    but after 71 more the VAE encoder's weights differ by up to 3% and the perplexity by 1e-4: the
-    reduction order's differences grow; without it they stay below 4e-7."""
+    below draw the same dropout masks, rank by rank (checked), and agree to 1e-4 in the weights
+    after 4 steps, but after 71 more the VAE encoder's weights differ by up to 3% and the
+    perplexity by 1e-4: the reduction order's differences grow; without it they stay below 4e-7."""
     return _stage1(tmp_path_factory.mktemp("stage1-no-dropout"), "--history-dropout", "0")
 
 

@@ -108,27 +108,33 @@ def _history_vae(history_dropout: float = 0.0):
     return vae, users, items, ratings
 
 
+def _rows_by_user(users, items, ratings) -> dict[int, list[int]]:
+    """Each rated user's rows of the history table (item * 5 + rating class), by hand."""
+    rows: dict[int, list[int]] = {}
+    for u, i, r in zip(users.tolist(), items.tolist(), ratings.tolist(), strict=True):
+        rows.setdefault(u, []).append(int(i) * 5 + int(r) - 1)
+    return dict(sorted(rows.items()))
+
+
 def test_user_vector_is_the_mean_embedding_of_the_users_item_ratings():
     vae, users, items, ratings = _history_vae()
     table = vae.history_embedding.weight
     want = torch.zeros(4, 16, dtype=torch.float64)
-    for u in range(3):
-        rows = [int(i) * 5 + int(r) - 1 for v, i, r in zip(users, items, ratings, strict=True) if v == u]
+    for u, rows in _rows_by_user(users, items, ratings).items():
         want[u] = table[rows].mean(0)
     query = torch.tensor([2, 3, 0, 2, 1])  # repeats, and user 3 (no ratings: the zero vector)
     got = vae.user_vector(query)
     torch.testing.assert_close(got, want[query])
     got.square().sum().backward()  # every row of the users' ratings gets a gradient, no other row
     touched = (vae.history_embedding.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
-    assert touched == sorted({int(i) * 5 + int(r) - 1 for i, r in zip(items, ratings, strict=True)})
+    assert touched == sorted({row for rows in _rows_by_user(users, items, ratings).values() for row in rows})
     assert vae.encode(query, torch.tensor([0, 1, 2, 3, 4]))[0].shape == (5, 4)
 
 
 def test_history_dropout_leaves_ratings_out_in_training_only():
     vae, users, items, ratings = _history_vae(history_dropout=0.5)
     table = vae.history_embedding.weight
-    own = {u: [int(i) * 5 + int(r) - 1 for v, i, r in zip(users, items, ratings, strict=True) if v == u]
-           for u in range(3)}
+    own = _rows_by_user(users, items, ratings)  # users 0, 1, 2
     subsets = {u: [] for u in own}  # which subset of each user's rows each draw kept
     for _ in range(200):
         got = vae.user_vector(torch.arange(4))
