@@ -53,7 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder", default=text_encoder.DEFAULT,
                    help="sentence encoder of the explanations: 'minilm' (the packaged all-MiniLM-L6-v2) or a "
                         "local folder")
-    p.add_argument("--ctr-epochs", type=int, default=CtrConfig.epochs)
+    p.add_argument("--ctr-epochs", type=int, default=CtrConfig.epochs, help="most epochs of each DeepFM")
+    p.add_argument("--ctr-patience", type=int, default=CtrConfig.patience,
+                   help="stop a DeepFM after this many epochs without a better held-out LogLoss, keeping the best "
+                        "epoch; 0 trains every epoch on all training pairs")
+    p.add_argument("--ctr-lr", type=float, default=CtrConfig.lr, help="Adam's learning rate for each DeepFM")
+    p.add_argument("--ctr-dropout", type=float, default=CtrConfig.dropout, help="dropout on the DeepFM MLP's input")
+    p.add_argument("--ctr-validation", type=float, default=CtrConfig.validation,
+                   help="fraction of the training pairs held out for the early stopping")
     p.add_argument("--ctr-dim", type=int, default=CtrConfig.dim)
     p.add_argument("--seed", type=int, default=RlConfig.seed)
     p.add_argument("--device", default=RlConfig.device)
@@ -62,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     files.add_argument("--history", type=int, default=10, help="history items per user shown in the prompt")
     files.add_argument("--cold-max", type=int, default=15, help="a user with at most this many training pairs is cold")
     synthetic = p.add_argument_group("synthetic data (planted genres)")
-    for name, value in (("users", 300), ("items", 120), ("warm_pairs", 30), ("test_pairs", 6)):
+    for name, value in (("users", 300), ("items", 300), ("warm_pairs", 30), ("test_pairs", 6)):
         synthetic.add_argument(f"--synthetic-{name.replace('_', '-')}", type=int, default=value)
     synthetic.add_argument("--synthetic-cold-fraction", type=float, default=0.3)
     return p.parse_args(argv)
@@ -76,7 +83,8 @@ def main(argv=None) -> int:
                            num_clusters=args.num_clusters, lora_rank=args.lora_rank,
                            warmup_epochs=args.warmup_epochs, warmup_prior=args.warmup_prior,
                            history_summary=args.history_summary)
-    ctr_config = CtrConfig(dim=args.ctr_dim, epochs=args.ctr_epochs)
+    ctr_config = CtrConfig(dim=args.ctr_dim, epochs=args.ctr_epochs, lr=args.ctr_lr, dropout=args.ctr_dropout,
+                           patience=args.ctr_patience, validation=args.ctr_validation)
     text_encoder.resolve(args.encoder)
     if args.out.exists() and not args.out.is_dir():
         raise UserInputError(f"--out {args.out}: exists and is not a folder")

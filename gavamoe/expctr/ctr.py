@@ -2,9 +2,12 @@
 with an optional third field from the explanation's sentence embedding (ExpCTR-Aug).
 
     fields  e_user, e_item (, e_expl = W x_expl + b)      each (B, d)
-    logit   = w0 + w_user + w_item  +  sum_{f<g} <e_f, e_g>  +  MLP(concat(e_f))
+    logit   = w0 + w_user + w_item  +  sum_{f<g} <e_f, e_g>  +  MLP(dropout(concat(e_f)))
 
-And the two metrics of the paper, AUC and LogLoss.
+Training (``fit``) stops early: a seeded ``validation`` fraction of the training pairs is held
+out, and the weights of the epoch with the lowest held-out LogLoss are kept, so that models with
+and without the explanation field are each trained to their own best point (``patience = 0``
+trains all ``epochs`` on every pair instead). And the two metrics of the paper, AUC and LogLoss.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from ..errors import UserInputError, check_at_least_one
 class CtrConfig:
     dim: int = 16
     hidden: int = 64
-    epochs: int = 20
+    epochs: int = 100  # at most, with early stopping
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
+    dropout: float = 0.5  # on the MLP's input in training, as in DeepFM's paper
+    patience: int = 10  # epochs without a better held-out LogLoss before stopping; 0: no early stopping
+    validation: float = 0.1  # fraction of the training pairs held out for early stopping
 
     def __post_init__(self):
         check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"),
@@ -34,6 +40,17 @@ class CtrConfig:
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserInputError(f"--ctr-lr must be positive and --ctr-weight-decay non-negative, got {self.lr}, "
                                  f"{self.weight_decay}")
+        if self.patience < 0 or not 0 < self.validation < 1 or not 0 <= self.dropout < 1:
+            raise UserInputError(f"--ctr-patience must be non-negative, --ctr-validation in (0, 1) and --ctr-dropout "
+                                 f"in [0, 1), got {self.patience}, {self.validation}, {self.dropout}")
+
+
+@dataclass
+class FitResult:
+    losses: list[float]  # training loss per step
+    epochs: int  # epochs run
+    best_epoch: int  # the epoch whose weights were kept (1-based)
+    validation_logloss: list[float]  # held-out LogLoss per epoch; empty without early stopping
 
 
 class DeepFM(nn.Module):
@@ -48,7 +65,8 @@ class DeepFM(nn.Module):
             nn.init.zeros_(table.weight)
         self.text = nn.Linear(text_dim, d) if text_dim else None
         fields = 3 if text_dim else 2
-        self.mlp = nn.Sequential(nn.Linear(fields * d, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
+        self.mlp = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(fields * d, config.hidden), nn.ReLU(),
+                                 nn.Linear(config.hidden, 1))
         self.bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,24 +83,44 @@ class DeepFM(nn.Module):
 
 
 def fit(model: DeepFM, users: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, config: CtrConfig,
-        text: torch.Tensor | None = None, seed: int = 0) -> list[float]:
-    """Adam on the binary cross-entropy; returns the loss per step."""
+        text: torch.Tensor | None = None, seed: int = 0) -> FitResult:
+    """Adam on the binary cross-entropy with early stopping (module docstring); the model is left
+    with the kept epoch's weights, in eval mode."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(users), generator=generator)
+    rows = torch.randperm(len(users), generator=generator)
+    held = round(config.validation * len(users)) if config.patience else 0
+    if config.patience and not 0 < held < len(users):
+        raise UserInputError(f"--ctr-validation {config.validation} of {len(users)} training pairs leaves no "
+                             "held-out or no training pair")
+    fit_rows, held_rows = rows[held:], rows[:held]
+    pick = lambda r: (users[r], items[r], None if text is None else text[r])
+    result = FitResult([], 0, config.epochs, [])
+    best_state, best = None, float("inf")
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = fit_rows[torch.randperm(len(fit_rows), generator=generator)]
         for s in range(0, len(order), config.batch_size):
-            rows = order[s:s + config.batch_size]
-            logits = model(users[rows], items[rows], None if text is None else text[rows])
-            loss = F.binary_cross_entropy_with_logits(logits, labels[rows].float())
+            step = order[s:s + config.batch_size]
+            loss = F.binary_cross_entropy_with_logits(model(*pick(step)), labels[step].float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            result.losses.append(float(loss.detach()))
+        result.epochs = epoch
+        if not held:
+            continue
+        held_loss = logloss(labels[held_rows].numpy(), predict(model, *pick(held_rows)).numpy())
+        result.validation_logloss.append(held_loss)
+        if held_loss < best:
+            best, result.best_epoch = held_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - result.best_epoch >= config.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return losses
+    return result
 
 
 @torch.no_grad()

@@ -82,11 +82,12 @@ def _folds(num_pairs: int, train: np.ndarray, seed: int) -> np.ndarray:
     return folds
 
 
-def _fit_aug(data: CtrData, train: np.ndarray, text: torch.Tensor, config: ctr.CtrConfig, seed: int) -> ctr.DeepFM:
+def _fit_ctr(data: CtrData, train: np.ndarray, text: torch.Tensor | None, config: ctr.CtrConfig,
+             seed: int) -> tuple[ctr.DeepFM, ctr.FitResult]:
+    """A DeepFM on the training pairs, on IDs alone (``text`` None) or with the explanation field."""
     torch.manual_seed(seed)
-    model = ctr.DeepFM(data.num_users, data.num_items, config, text_dim=text.shape[1])
-    ctr.fit(model, *_tensors(data, train), config, text=text, seed=seed)
-    return model
+    model = ctr.DeepFM(data.num_users, data.num_items, config, text_dim=0 if text is None else text.shape[1])
+    return model, ctr.fit(model, *_tensors(data, train), config, text=text, seed=seed)
 
 
 def _platt(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -199,9 +200,8 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     encode = SentenceEncoder(encoder)
     users, items, _ = _tensors(data, test_pairs)
 
-    id_model = ctr.DeepFM(data.num_users, data.num_items, ctr_config)
     with clock("ctr"):
-        id_losses = ctr.fit(id_model, *_tensors(data, train_pairs), ctr_config, seed=config.seed)
+        id_model, id_fit = _fit_ctr(data, train_pairs, None, ctr_config, config.seed)
     predictions = {"id": ctr.predict(id_model, users, items).numpy()}
 
     clusters = (user_clusters(id_model, llm_config.num_clusters, config.seed) if llm_config.moe
@@ -229,8 +229,8 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
         # cross-fitted: a pair's IC reward comes from the model trained on the other fold, so it
         # scores what the explanation says, not the model's memory of that pair
         with clock("ctr"):
-            models = [_fit_aug(data, train_pairs[folds[train_pairs] != k], texts[folds[train_pairs] != k],
-                               ctr_config, config.seed) for k in (0, 1)]
+            models = [_fit_ctr(data, train_pairs[folds[train_pairs] != k], texts[folds[train_pairs] != k],
+                               ctr_config, config.seed)[0] for k in (0, 1)]
 
         def ic(pairs, texts, models=models):
             users, items, emb = torch.as_tensor(data.users[pairs]), torch.as_tensor(data.items[pairs]), encode(texts)
@@ -247,7 +247,8 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     with clock("explain"):
         train_texts = lm.explain(data, train_pairs)
         test_texts = lm.explain(data, test_pairs)
-    aug = _fit_aug(data, train_pairs, encode(train_texts), ctr_config, config.seed)
+    with clock("ctr"):
+        aug, aug_fit = _fit_ctr(data, train_pairs, encode(train_texts), ctr_config, config.seed)
     predictions["aug"] = ctr.predict(aug, users, items, encode(test_texts)).numpy()
     platt = _platt(lm.p_yes(judge, data, train_pairs.tolist(), train_texts),
                    torch.as_tensor(data.labels[train_pairs]))
@@ -255,10 +256,13 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     shuffle = np.random.default_rng(config.seed + 2)
     shuffled_train = [train_texts[i] for i in shuffle.permutation(len(train_texts))]
     shuffled_test = [test_texts[i] for i in shuffle.permutation(len(test_texts))]
-    control = _fit_aug(data, train_pairs, encode(shuffled_train), ctr_config, config.seed)
+    with clock("ctr"):
+        control, control_fit = _fit_ctr(data, train_pairs, encode(shuffled_train), ctr_config, config.seed)
     predictions["aug_shuffled"] = ctr.predict(control, users, items, encode(shuffled_test)).numpy()
 
     metrics = {**_scores(data.labels[test_pairs], data.cold[data.users[test_pairs]], predictions), "rounds": rounds,
+               "ctr_epochs": {name: {"run": f.epochs, "kept": f.best_epoch}
+                              for name, f in (("id", id_fit), ("aug", aug_fit), ("aug_shuffled", control_fit))},
                "llm_platt": {"a": platt[0], "b": platt[1]}, "seconds": time.perf_counter() - started,
                "seconds_by_phase": clock.seconds,
                "users": data.num_users, "items": data.num_items, "cold_users": int(data.cold.sum()),
@@ -269,7 +273,7 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
                                "after_rl": explanation_stats(data, test_pairs, test_texts)}
     if out is not None:
         _write(out, data, metrics, train_pairs, train_texts, test_pairs, test_texts, curves,
-               {"ID-only CTR": id_losses, "LLM warm-up": warmup_losses})
+               {"ID-only CTR": id_fit.losses, "LLM warm-up": warmup_losses})
     return metrics
 
 

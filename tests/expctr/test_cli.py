@@ -4,6 +4,7 @@ that write the contract's files (repeatable on the CPU; with --moe too)."""
 import json
 
 import pytest
+import torch
 
 from gavamoe.errors import run_cli
 from gavamoe.expctr.__main__ import main
@@ -24,7 +25,10 @@ KEYS = {f"{m}_{v}" for m in ("auc", "logloss") for v in ("id", "aug", "llm", "au
     (["--kl-coef", "-1"], "--kl-coef"),
     (["--top-k", "9", "--num-experts", "4"], "--top-k must be at most"),
     (["--synthetic-users", "0"], "--synthetic-users must be at least 1"),
-], ids=["group", "rounds", "data", "encoder", "kl", "top-k", "users"])
+    (["--ctr-patience", "-1"], "--ctr-patience must be non-negative"),
+    (["--ctr-validation", "1.5"], "--ctr-validation in (0, 1)"),
+    (["--ctr-dropout", "-0.1"], "--ctr-dropout in [0, 1)"),
+], ids=["group", "rounds", "data", "encoder", "kl", "top-k", "users", "patience", "validation", "dropout"])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     assert run_cli("gavamoe.expctr", main, ["--out", str(out), *SMALL, *flags]) == 2
@@ -45,7 +49,9 @@ def test_run_writes_the_contract_and_repeats_with_its_seed(tmp_path):
         assert KEYS <= set(a[group]) and a[group]["pairs"] > 0
     assert a["cold"]["pairs"] == 4 * a["cold_users"]
     assert [set(r) for r in a["rounds"]] == [{"round", "lc_reward", "ic_reward"}] * 2
-    for key in ("all", "cold", "rounds", "explanations"):
+    for name in ("id", "aug", "aug_shuffled"):
+        assert 1 <= a["ctr_epochs"][name]["kept"] <= a["ctr_epochs"][name]["run"] <= 2
+    for key in ("all", "cold", "rounds", "explanations", "ctr_epochs"):
         assert a[key] == b[key]  # seeded: the same numbers
     rows = [json.loads(line) for line in (tmp_path / "a" / "explanations.jsonl").read_text().splitlines()]
     assert len(rows) == a["train_pairs"] + a["test_pairs"]
@@ -57,3 +63,26 @@ def test_run_writes_the_contract_and_repeats_with_its_seed(tmp_path):
 def test_moe_run(tmp_path):
     metrics = _run(tmp_path / "moe", "--moe", "--num-experts", "4", "--num-clusters", "3")
     assert metrics["config"]["llm"]["moe"] and KEYS <= set(metrics["all"])
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the README's runs: one thread each
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_the_default_run_shows_the_papers_claims(tmp_path, one_thread):
+    """The README's seed-0 run (about 12 minutes on one thread): ExpCTR-Aug beats the ID model over
+    all users and on cold users, beats the control with shuffled explanations, and the mean reward
+    of the two RL stages rises from the first round to the last."""
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for group in ("all", "cold"):
+        m = metrics[group]
+        assert m["auc_aug"] > m["auc_id"] and m["auc_aug"] > m["auc_aug_shuffled"], (group, m)
+    mean = [(r["lc_reward"] + r["ic_reward"]) / 2 for r in metrics["rounds"]]
+    assert mean[-1] > mean[0], metrics["rounds"]

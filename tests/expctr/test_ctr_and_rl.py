@@ -26,7 +26,7 @@ def test_logloss_by_hand():
 @pytest.mark.parametrize("text_dim", [0, 5], ids=["ids", "ids+text"])
 def test_deepfm_is_first_order_plus_pairwise_plus_mlp(text_dim):
     torch.manual_seed(0)
-    model = ctr.DeepFM(7, 9, ctr.CtrConfig(dim=4, hidden=8), text_dim=text_dim).double()
+    model = ctr.DeepFM(7, 9, ctr.CtrConfig(dim=4, hidden=8), text_dim=text_dim).double().eval()
     users, items = torch.tensor([0, 6, 3]), torch.tensor([8, 1, 1])
     text = torch.randn(3, text_dim, dtype=torch.float64) if text_dim else None
     fields = [model.user(users), model.item(items)] + ([model.text(text)] if text_dim else [])
@@ -34,6 +34,9 @@ def test_deepfm_is_first_order_plus_pairwise_plus_mlp(text_dim):
     expected = (model.bias + model.user_bias(users)[:, 0] + model.item_bias(items)[:, 0] + pairwise
                 + model.mlp(torch.cat(fields, 1))[:, 0])
     torch.testing.assert_close(model(users, items, text), expected)
+    model.train()  # the MLP's input dropout acts in training only
+    assert not torch.allclose(model(users, items, text), expected)
+    model.eval()
     with pytest.raises(ValueError, match="text must be given"):
         model(users, items, None if text_dim else torch.zeros(3, 2))
 
@@ -44,9 +47,58 @@ def test_fit_learns_a_user_item_pattern():
     labels = ((users % 2) == (items % 2)).long()
     config = ctr.CtrConfig(epochs=40, batch_size=64, lr=1e-2)
     model = ctr.DeepFM(40, 10, config)
-    losses = ctr.fit(model, users, items, labels, config)
-    assert losses[-1] < 0.2 < losses[0]
+    result = ctr.fit(model, users, items, labels, config)
+    assert result.losses[-1] < 0.2 < result.losses[0]
     assert ctr.auc(labels.numpy(), ctr.predict(model, users, items).numpy()) > 0.99
+
+
+def _held_out_logloss(model, users, items, labels, config, seed):
+    """LogLoss on the pairs fit holds out: the first round(validation * n) of its seeded permutation."""
+    held = torch.randperm(len(users), generator=torch.Generator().manual_seed(seed))[:round(config.validation
+                                                                                          * len(users))]
+    return ctr.logloss(labels[held].numpy(), ctr.predict(model, users[held], items[held]).numpy())
+
+
+def test_fit_stops_early_on_noise_and_keeps_the_best_epoch():
+    # labels independent of user and item: the held-out LogLoss can only get worse once the
+    # model memorises, so training stops `patience` epochs after its best and restores that epoch
+    torch.manual_seed(0)
+    users, items = torch.randint(0, 50, (2000,)), torch.randint(0, 30, (2000,))
+    labels = torch.randint(0, 2, (2000,))
+    config = ctr.CtrConfig(epochs=200, lr=3e-2, patience=3, validation=0.2)
+    model = ctr.DeepFM(50, 30, config)
+    result = ctr.fit(model, users, items, labels, config, seed=4)
+    assert result.epochs == result.best_epoch + 3 < 200
+    assert len(result.validation_logloss) == result.epochs
+    best = min(result.validation_logloss)
+    assert result.validation_logloss[result.best_epoch - 1] == best
+    assert best < result.validation_logloss[-1]
+    assert _held_out_logloss(model, users, items, labels, config, 4) == pytest.approx(best, abs=1e-6)
+    assert not model.training
+
+
+def test_fit_without_patience_trains_every_epoch_on_every_pair():
+    torch.manual_seed(0)
+    users, items, labels = torch.randint(0, 9, (100,)), torch.randint(0, 7, (100,)), torch.randint(0, 2, (100,))
+    config = ctr.CtrConfig(epochs=3, batch_size=32, patience=0)
+    result = ctr.fit(ctr.DeepFM(9, 7, config), users, items, labels, config)
+    assert (result.epochs, result.best_epoch, result.validation_logloss) == (3, 3, [])
+    assert len(result.losses) == 3 * 4  # ceil(100 / 32) steps per epoch, nothing held out
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"patience": -1}, "--ctr-patience"), ({"validation": 1.0}, "--ctr-validation"),
+    ({"validation": 0.0}, "--ctr-validation"), ({"dropout": 1.0}, "--ctr-dropout")])
+def test_ctr_config_rejects_bad_early_stopping(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ctr.CtrConfig(**kwargs)
+
+
+def test_fit_rejects_a_validation_share_that_holds_out_nothing():
+    config = ctr.CtrConfig(validation=0.1)
+    users = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"--ctr-validation 0\.1 of 3 training pairs"):
+        ctr.fit(ctr.DeepFM(3, 3, config), users, users, torch.tensor([0, 1, 0]), config)
 
 
 def test_rewards_by_hand():
