@@ -7,7 +7,7 @@ with an optional third field from the explanation's sentence embedding (ExpCTR-A
 Training (``fit``) stops early: a seeded ``validation`` fraction of the training pairs is held
 out, and the weights of the epoch with the lowest held-out LogLoss are kept, so that models with
 and without the explanation field are each trained to their own best point (``patience = 0``
-trains all ``epochs`` on every pair instead). And the two metrics of the paper, AUC and LogLoss.
+trains all ``epochs`` on every pair instead). Also the paper's two metrics, AUC and LogLoss.
 """
 
 from __future__ import annotations
