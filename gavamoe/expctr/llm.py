@@ -47,6 +47,8 @@ class LlmConfig:
     warmup_epochs: int = 3
     # how often the warm-up's verdict follows the readings (prompts.common_sense_verdict)
     warmup_prior: float = 0.5
+    # the warm-up explanations' readings: the prompt's, or at random (prompts.warmup_explanation)
+    warmup_readings: str = "prompt"
     warmup_lr: float = 3e-3
     batch_size: int = 64
     # the prompt adds the history's liked/disliked counts of the target's genres (prompts.prompt)
@@ -62,6 +64,9 @@ class LlmConfig:
             raise UserInputError(f"--warmup-lr must be positive, got {self.warmup_lr}")
         if not 0 <= self.warmup_prior <= 1:
             raise UserInputError(f"--warmup-prior must be in [0, 1], got {self.warmup_prior}")
+        if self.warmup_readings not in prompts.WARMUP_READINGS:
+            raise UserInputError(f"--warmup-readings must be one of {', '.join(prompts.WARMUP_READINGS)}, got "
+                                 f"{self.warmup_readings}")
 
 
 def build_tokenizer(data: CtrData, pairs: np.ndarray, history_summary: bool = True):
@@ -137,7 +142,8 @@ class ExplanationLM:
                 chunk = order[s:s + self.config.batch_size].tolist()
                 rows, targets = [], []
                 for p in chunk:
-                    text = prompts.warmup_explanation(data, p, rng, self.config.warmup_prior)
+                    text = prompts.warmup_explanation(data, p, rng, self.config.warmup_prior,
+                                                      self.config.warmup_readings)
                     head = self.prompt_ids(data, p)
                     tail = [*self._text_ids(text), self.tokenizer.eos_token_id]
                     answer = self.answer_ids[prompts.ANSWERS.index(prompts.judge_answer(text))]

@@ -88,11 +88,19 @@ def common_sense_verdict(readings: list[tuple[str, int]], rng: np.random.Generat
     return SENTIMENTS[int(rng.integers(2))]
 
 
-def warmup_explanation(data: CtrData, pair: int, rng: np.random.Generator, prior: float = 0.5) -> str:
-    """A well-formed explanation that knows nothing of the pair's label: the true readings of the
-    prompt and the common-sense verdict (see ``llm``, the label-free warm-up)."""
-    readings = true_readings(data, pair)
-    return explanation(readings, common_sense_verdict(readings, rng, prior))
+WARMUP_READINGS = ("prompt", "random")
+
+
+def warmup_explanation(data: CtrData, pair: int, rng: np.random.Generator, prior: float = 0.5,
+                       readings: str = "prompt") -> str:
+    """A well-formed explanation that knows nothing of the pair's label (see ``llm``, the label-free
+    warm-up): each genre's reading is the prompt's (``readings="prompt"``) or drawn at random
+    (``"random"``: the form without the reading), then the common-sense verdict of those readings."""
+    if readings not in WARMUP_READINGS:
+        raise ValueError(f"readings must be one of {WARMUP_READINGS}, got {readings!r}")
+    said = (true_readings(data, pair) if readings == "prompt"
+            else [(g, int(rng.integers(-1, 2))) for g in target_genres(data, pair)])
+    return explanation(said, common_sense_verdict(said, rng, prior))
 
 
 def judge_answer(text: str) -> str | None:

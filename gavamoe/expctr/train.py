@@ -163,17 +163,24 @@ class _Rl:
 def explanation_stats(data: CtrData, pairs: np.ndarray, texts: list[str]) -> dict[str, float]:
     """What explanations say: the fraction in the explanation's form; of their genre clauses, the
     fraction whose reading matches the prompt; how often the verdict agrees with the label, over
-    all pairs and over positive and negative pairs apart."""
+    all pairs and over positive and negative pairs apart; and, on planted data, how often positive
+    and negative pairs' explanations name one of the user's planted liked genres as liked."""
     parsed = [prompts.parse(t) for t in texts]
     clauses = [(p, g, r) for p, x in zip(pairs, parsed, strict=True) if x for g, r in x[0]]
     verdicts = np.array([(x[1] == prompts.SENTIMENTS[0], data.labels[p]) for p, x in zip(pairs, parsed, strict=True)
                          if x], dtype=bool).reshape(-1, 2)
     agree = verdicts[:, 0] == verdicts[:, 1]
     mean = lambda a: float(a.mean()) if len(a) else float("nan")
-    return {"well_formed": float(np.mean([x is not None for x in parsed])) if parsed else float("nan"),
-            "reading_accuracy": mean(np.array([prompts.reading(data, p, g) == r for p, g, r in clauses])),
-            "verdict_accuracy": mean(agree), "positive_says_enjoy": mean(verdicts[verdicts[:, 1], 0]),
-            "negative_says_dislike": mean(~verdicts[~verdicts[:, 1], 0])}
+    stats = {"well_formed": float(np.mean([x is not None for x in parsed])) if parsed else float("nan"),
+             "reading_accuracy": mean(np.array([prompts.reading(data, p, g) == r for p, g, r in clauses])),
+             "verdict_accuracy": mean(agree), "positive_says_enjoy": mean(verdicts[verdicts[:, 1], 0]),
+             "negative_says_dislike": mean(~verdicts[~verdicts[:, 1], 0])}
+    if data.liked_genres is not None:
+        names = np.array([x is not None and any(r == 1 and g in data.liked_genres[data.users[p]] for g, r in x[0])
+                          for p, x in zip(pairs, parsed, strict=True)])
+        positive = data.labels[pairs] == 1
+        stats["positive_names_liked"], stats["negative_names_liked"] = mean(names[positive]), mean(names[~positive])
+    return stats
 
 
 def _scores(labels: np.ndarray, cold: np.ndarray, predictions: dict[str, np.ndarray]) -> dict[str, dict]:

@@ -28,7 +28,10 @@ KEYS = {f"{m}_{v}" for m in ("auc", "logloss") for v in ("id", "aug", "llm", "au
     (["--ctr-patience", "-1"], "--ctr-patience must be non-negative"),
     (["--ctr-validation", "1.5"], "--ctr-validation in (0, 1)"),
     (["--ctr-dropout", "-0.1"], "--ctr-dropout in [0, 1)"),
-], ids=["group", "rounds", "data", "encoder", "kl", "top-k", "users", "patience", "validation", "dropout"])
+    (["--warmup-readings", "label"], "--warmup-readings must be one of prompt, random"),
+    (["--reward-form", "margin"], "--reward-form must be one of prob, logprob"),
+], ids=["group", "rounds", "data", "encoder", "kl", "top-k", "users", "patience", "validation", "dropout", "readings",
+        "reward-form"])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     assert run_cli("gavamoe.expctr", main, ["--out", str(out), *SMALL, *flags]) == 2

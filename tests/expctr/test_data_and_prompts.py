@@ -7,6 +7,7 @@ import pytest
 from gavamoe.errors import UserInputError
 from gavamoe.expctr import prompts
 from gavamoe.expctr.data import planted_genres, read_movielens
+from gavamoe.expctr.train import explanation_stats
 
 
 def _folder(tmp_path, ratings: str, movies: str | None = None):
@@ -120,3 +121,39 @@ def test_common_sense_verdict_and_a_label_free_warm_up():
         data.labels[pair] ^= 1
         assert prompts.warmup_explanation(data, pair, np.random.default_rng(pair), 0.5) == before
         data.labels[pair] ^= 1
+
+
+def test_random_warmup_readings_keep_the_form_and_know_no_label():
+    data = planted_genres(num_users=20, seed=3)
+    said = []
+    for pair in data.pairs("train")[:60].tolist():
+        text = prompts.warmup_explanation(data, pair, np.random.default_rng(pair), 1.0, readings="random")
+        clauses, verdict = prompts.parse(text)
+        assert [g for g, _ in clauses] == prompts.target_genres(data, pair)
+        lean = sum(r for _, r in clauses)
+        if lean:  # prior 1: the verdict follows the readings it states
+            assert verdict == prompts.SENTIMENTS[0 if lean > 0 else 1]
+        said += [r for _, r in clauses]
+        data.labels[pair] ^= 1
+        assert prompts.warmup_explanation(data, pair, np.random.default_rng(pair), 1.0, readings="random") == text
+        data.labels[pair] ^= 1
+    assert set(said) == {-1, 0, 1}
+    with pytest.raises(ValueError, match="readings must be one of"):
+        prompts.warmup_explanation(data, 0, np.random.default_rng(0), readings="label")
+
+
+def test_explanation_stats_count_liked_genres_named_by_hand():
+    data = planted_genres(num_users=10, seed=4)
+    pairs = data.pairs("test")
+    positive = next(p for p in pairs if data.labels[p] == 1)
+    negative = next(p for p in pairs if data.labels[p] == 0)
+    user = data.users[positive]
+    liked, disliked = sorted(data.liked_genres[user]), sorted(data.disliked_genres[user])
+    texts = [prompts.explanation([(liked[0], 1)], "enjoy"),  # names a planted liked genre as liked
+             prompts.explanation([(disliked[0], 1)], "enjoy"),  # a disliked genre read as liked: not counted
+             prompts.explanation([(liked[0], 0)], "dislike"),  # a liked genre not read as liked: not counted
+             "not an explanation"]
+    stats = explanation_stats(data, np.array([positive] * 3 + [negative]), texts)
+    assert stats["positive_names_liked"] == pytest.approx(1 / 3)
+    assert stats["negative_names_liked"] == 0.0
+    assert stats["well_formed"] == 0.75 and stats["positive_says_enjoy"] == pytest.approx(2 / 3)
