@@ -9,7 +9,6 @@ results.md with the table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, generate, train
+from .errors import CliParser
 from .runs import Run
 
 VARIANTS = {"full": [], "no multi-gating": ["--no-multi-gating"], "coarse experts": ["--coarse-experts"],
@@ -48,7 +48,7 @@ def results_table(rows: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.demo", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--train-args", default="", help="extra arguments for every python -m gavamoe.train call")

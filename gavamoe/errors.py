@@ -7,6 +7,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,15 @@ from pathlib import Path
 
 class UserInputError(ValueError):
     """Bad input from the user: a flag, a file, a record. The message names it."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """The commands' argument parser: a bad flag is one line, ``prog: error: message``, and exit
+    status 2, like every other user error (argparse would print the whole usage first);
+    ``--help`` still prints it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ beside it (METRICS.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_peter
-from .errors import UserInputError, run_cli
+from .errors import CliParser, UserInputError, run_cli
 from .metrics import FEATURE_MATCHES, bertscore_pairs, text_metrics
 from .runs import Run
 
@@ -176,7 +175,7 @@ def evaluate_file(path: Path, conventions: Conventions | None = None, device: st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.evaluate", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--predictions", required=True, type=Path, help="JSONL of python -m gavamoe.generate")
     p.add_argument("--out", required=True, type=Path, help="metrics JSON to write (a .md table goes beside it)")
     p.add_argument("--bleu-smooth", action="store_true",

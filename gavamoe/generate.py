@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import ReviewData
 from .data import text as text_data
-from .errors import UserInputError, check_device, run_cli
+from .errors import CliParser, UserInputError, check_device, run_cli
 from .models.explainer import Explainer, load_tokenizer
 from .runs import Run
 
@@ -65,7 +65,7 @@ def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.generate", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.generate", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, type=Path, help="run directory of python -m gavamoe.train")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--out", required=True, type=Path, help="JSONL file to write")

@@ -11,7 +11,6 @@ Writes OUT/results.json and OUT/results.md (the README's stage-1 table).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from . import train
 from .data.synthetic import make_synthetic, planted_reviews
-from .errors import run_cli
+from .errors import CliParser, run_cli
 
 KINDS = ("synthetic", "taste", "level")
 # (generator, users, records, embed_dim): each generator at the default width of a PETER file (None:
@@ -52,7 +51,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.recovery", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.recovery", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/recovery"))
     p.add_argument("--quick", action="store_true", help="only the three generators at width 768")
     p.add_argument("--device", default=None)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from . import memory
-from .errors import UserInputError, run_cli
+from .errors import CliParser, UserInputError, run_cli
 from .models.explainer import ExplainerConfig
 from .runs import DataSpec, Run
 from .stage1 import Stage1Config, train_stage1
@@ -93,7 +93,7 @@ HELP = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.train", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or the path of a PETER reviews.pickle")
     p.add_argument("--index-dir", default=None, help="folder with train/validation/test.index")

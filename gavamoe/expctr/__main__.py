@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import UserInputError, run_cli
+from ..errors import CliParser, UserInputError, run_cli
 from . import encoder as text_encoder
 from .ctr import CtrConfig
 from .data import planted_genres, read_movielens
@@ -26,7 +26,7 @@ from .train import RlConfig, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.expctr", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.expctr", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (planted genres) or a MovieLens-style folder with ratings.csv and movies.csv")

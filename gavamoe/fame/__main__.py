@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import UserInputError, run_cli
+from ..errors import CliParser, UserInputError, run_cli
 from .data import planted_facets, read_inter
 from .model import HEAD_MIXES, MODELS, SeqRecConfig
 from .train import TrainConfig, train
@@ -28,7 +28,7 @@ SYNTHETIC_DEFAULTS = {"patience": 25, "batch_size": 64, "lr": 3e-3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.fame", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.fame", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path, help="run directory (created)")
     p.add_argument("--data", default="synthetic", help="'synthetic' (planted facets) or a RecBole .inter file")
     p.add_argument("--model", default="fame", choices=MODELS)

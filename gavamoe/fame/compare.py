@@ -9,13 +9,12 @@ data, the normalised mutual information between the head gate's choice and the p
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
-from ..errors import UserInputError, run_cli
+from ..errors import CliParser, UserInputError, run_cli
 from . import __main__ as fame_cli
 
 VARIANTS = {"fame": ["--model", "fame"], "sasrec": ["--model", "sasrec"],
@@ -24,7 +23,7 @@ SHOWN = ("hr@10", "ndcg@10", "hr@20", "ndcg@20")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gavamoe.fame.compare", description=__doc__.splitlines()[0])
+    p = CliParser(prog="python -m gavamoe.fame.compare", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seeds", type=int, default=3)
     args, rest = p.parse_known_args(argv)
