@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rl-lr", type=float, default=RlConfig.lr, help="learning rate of the LoRA policy")
     p.add_argument("--kl-coef", type=float, default=RlConfig.kl_coef, help="weight of KL(policy || warmed-up LLM)")
     p.add_argument("--temperature", type=float, default=RlConfig.temperature, help="sampling temperature in RL")
-    p.add_argument("--reward-form", default=RlConfig.reward_form,
-                   help=f"{' or '.join(REWARD_FORMS)}: reward = p(true label) or its log")
+    p.add_argument("--reward-form", default=RlConfig.reward_form, choices=REWARD_FORMS,
+                   help="reward = p(true label) or its log")
     p.add_argument("--lora-rank", type=int, default=LlmConfig.lora_rank)
     p.add_argument("--moe", action="store_true",
                    help="every MLP of the LLM a cluster-gated MoE routed by the user's cluster (a GMM on the ID "
@@ -49,9 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=LlmConfig.warmup_epochs)
     p.add_argument("--warmup-prior", type=float, default=LlmConfig.warmup_prior,
                    help="how often the warm-up's verdict follows its readings (else a coin flip)")
-    p.add_argument("--warmup-readings", default=LlmConfig.warmup_readings,
-                   help=f"{' or '.join(WARMUP_READINGS)}: the warm-up explanations' genre readings, the prompt's "
-                        "or drawn at random (see the README)")
+    p.add_argument("--warmup-readings", default=LlmConfig.warmup_readings, choices=WARMUP_READINGS,
+                   help="the warm-up explanations' genre readings: the prompt's, or drawn at random (see the README)")
     p.add_argument("--no-history-summary", dest="history_summary", action="store_false",
                    help="leave out the prompt's liked/disliked counts of the target's genres (see the README)")
     p.add_argument("--encoder", default=text_encoder.DEFAULT,
