@@ -50,7 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-prior", type=float, default=LlmConfig.warmup_prior,
                    help="how often the warm-up's verdict follows its readings (else a coin flip)")
     p.add_argument("--warmup-readings", default=LlmConfig.warmup_readings, choices=WARMUP_READINGS,
-                   help="the warm-up explanations' genre readings: the prompt's, or drawn at random (see the README)")
+                   help="the warm-up explanations' genre readings: the prompt's, drawn at random, or hedged (the "
+                        "prompt's, else 'a new genre'; see the README)")
+    p.add_argument("--warmup-hedge", type=float, default=LlmConfig.warmup_hedge,
+                   help="with --warmup-readings hedged: how often a warm-up reading is 'a new genre'")
     p.add_argument("--no-history-summary", dest="history_summary", action="store_false",
                    help="leave out the prompt's liked/disliked counts of the target's genres (see the README)")
     p.add_argument("--encoder", default=text_encoder.DEFAULT,
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
     llm_config = LlmConfig(moe=args.moe, num_experts=args.num_experts, top_k=args.top_k,
                            num_clusters=args.num_clusters, lora_rank=args.lora_rank,
                            warmup_epochs=args.warmup_epochs, warmup_prior=args.warmup_prior,
-                           warmup_readings=args.warmup_readings,
+                           warmup_readings=args.warmup_readings, warmup_hedge=args.warmup_hedge,
                            history_summary=args.history_summary)
     ctr_config = CtrConfig(dim=args.ctr_dim, epochs=args.ctr_epochs, lr=args.ctr_lr, dropout=args.ctr_dropout,
                            patience=args.ctr_patience, validation=args.ctr_validation)

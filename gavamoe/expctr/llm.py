@@ -49,6 +49,8 @@ class LlmConfig:
     warmup_prior: float = 0.5
     # the warm-up explanations' readings: the prompt's, or at random (prompts.warmup_explanation)
     warmup_readings: str = "prompt"
+    # with warmup_readings "hedged": how often a warm-up reading is "a new genre" whatever the prompt says
+    warmup_hedge: float = 0.6
     warmup_lr: float = 3e-3
     batch_size: int = 64
     # the prompt adds the history's liked/disliked counts of the target's genres (prompts.prompt)
@@ -62,8 +64,9 @@ class LlmConfig:
             raise UserInputError(f"--top-k must be at most --num-experts={self.num_experts}, got {self.top_k}")
         if self.warmup_lr <= 0:
             raise UserInputError(f"--warmup-lr must be positive, got {self.warmup_lr}")
-        if not 0 <= self.warmup_prior <= 1:
-            raise UserInputError(f"--warmup-prior must be in [0, 1], got {self.warmup_prior}")
+        for name in ("warmup_prior", "warmup_hedge"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if self.warmup_readings not in prompts.WARMUP_READINGS:
             raise UserInputError(f"--warmup-readings must be one of {', '.join(prompts.WARMUP_READINGS)}, got "
                                  f"{self.warmup_readings}")
@@ -143,7 +146,7 @@ class ExplanationLM:
                 rows, targets = [], []
                 for p in chunk:
                     text = prompts.warmup_explanation(data, p, rng, self.config.warmup_prior,
-                                                      self.config.warmup_readings)
+                                                      self.config.warmup_readings, self.config.warmup_hedge)
                     head = self.prompt_ids(data, p)
                     tail = [*self._text_ids(text), self.tokenizer.eos_token_id]
                     answer = self.answer_ids[prompts.ANSWERS.index(prompts.judge_answer(text))]

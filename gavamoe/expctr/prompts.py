@@ -78,29 +78,42 @@ def true_readings(data: CtrData, pair: int) -> list[tuple[str, int]]:
     return [(g, reading(data, pair, g)) for g in target_genres(data, pair)]
 
 
-def common_sense_verdict(readings: list[tuple[str, int]], rng: np.random.Generator, prior: float) -> str:
+def common_sense_verdict(readings: list[tuple[str, int]], rng: np.random.Generator, prior: float,
+                         cautious: bool = False) -> str:
     """The warm-up's verdict: with probability ``prior``, what the readings suggest (enjoy when
-    the target has more liked than disliked genres, dislike when fewer); otherwise, and on a tie,
-    a coin flip. A function of the prompt's text and chance, never of the label."""
+    the target has more liked than disliked genres, dislike when fewer); otherwise a coin flip.
+    On a tie, a coin flip too, or with ``cautious`` "dislike" (nothing speaks for the item). A
+    function of the prompt's text and chance, never of the label."""
     lean = sum(r for _, r in readings)
+    if lean == 0 and cautious:
+        return SENTIMENTS[1]
     if lean != 0 and rng.random() < prior:
         return SENTIMENTS[0] if lean > 0 else SENTIMENTS[1]
     return SENTIMENTS[int(rng.integers(2))]
 
 
-WARMUP_READINGS = ("prompt", "random")
+WARMUP_READINGS = ("prompt", "random", "hedged")
 
 
 def warmup_explanation(data: CtrData, pair: int, rng: np.random.Generator, prior: float = 0.5,
-                       readings: str = "prompt") -> str:
+                       readings: str = "prompt", hedge: float = 0.6) -> str:
     """A well-formed explanation that knows nothing of the pair's label (see ``llm``, the label-free
-    warm-up): each genre's reading is the prompt's (``readings="prompt"``) or drawn at random
-    (``"random"``: the form without the reading), then the common-sense verdict of those readings."""
+    warm-up): each genre's reading is the prompt's (``readings="prompt"``), drawn at random
+    (``"random"``: the form without the reading), or the prompt's except that it is "a new genre"
+    with probability ``hedge`` (``"hedged"``: a cautious reader, whose likeliest reading of every
+    genre is "new" when ``hedge`` > 1/2, and whose verdict on a tie is "dislike"); then the
+    common-sense verdict of those readings."""
     if readings not in WARMUP_READINGS:
         raise ValueError(f"readings must be one of {WARMUP_READINGS}, got {readings!r}")
-    said = (true_readings(data, pair) if readings == "prompt"
-            else [(g, int(rng.integers(-1, 2))) for g in target_genres(data, pair)])
-    return explanation(said, common_sense_verdict(said, rng, prior))
+    if not 0 <= hedge <= 1:
+        raise ValueError(f"hedge must be in [0, 1], got {hedge}")
+    if readings == "prompt":
+        said = true_readings(data, pair)
+    elif readings == "random":
+        said = [(g, int(rng.integers(-1, 2))) for g in target_genres(data, pair)]
+    else:
+        said = [(g, 0 if rng.random() < hedge else r) for g, r in true_readings(data, pair)]
+    return explanation(said, common_sense_verdict(said, rng, prior, cautious=readings == "hedged"))
 
 
 def judge_answer(text: str) -> str | None:

@@ -7,6 +7,9 @@ Reported (``metrics.json``), each as AUC and LogLoss:
     aug          ExpCTR-Aug: the DeepFM with the explanation's embedding as a third field
     llm          ExpCTR-LLM: the LLM's P(yes) given its explanation, Platt-calibrated on training pairs
     aug_shuffled the control: ``aug`` trained and tested with explanations permuted across pairs
+    aug_item_shuffled  the control that keeps the item: explanations permuted among the pairs of
+                 each item (training and test pairs together), so what is left is what they say
+                 of the item, not of the user
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from .data import CtrData
 from .encoder import SentenceEncoder
 from .llm import ExplanationLM, LlmConfig, build_tokenizer
 
-VARIANTS = ("id", "aug", "llm", "aug_shuffled")
+VARIANTS = ("id", "aug", "llm", "aug_shuffled", "aug_item_shuffled")
 
 
 @dataclass
@@ -80,6 +84,16 @@ def _folds(num_pairs: int, train: np.ndarray, seed: int) -> np.ndarray:
     folds = np.full(num_pairs, -1)
     folds[np.random.default_rng(seed + 3).permutation(train)] = np.arange(len(train)) % 2
     return folds
+
+
+def _within_items(items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of range(len(items)) that moves each position only among the positions of
+    its own item."""
+    order = np.arange(len(items))
+    for item in np.unique(items):
+        at = np.flatnonzero(items == item)
+        order[at] = at[rng.permutation(len(at))]
+    return order
 
 
 def _fit_ctr(data: CtrData, train: np.ndarray, text: torch.Tensor | None, config: ctr.CtrConfig,
@@ -160,6 +174,17 @@ class _Rl:
         return means
 
 
+def _check_warm_up(texts: list[str], least: float = 0.5) -> None:
+    """Warn when fewer than ``least`` of the warmed-up LLM's explanations are in the explanation's
+    form: the warm-up failed (a loss spike at its end was seen once), and every later figure of
+    the run would be about fragments."""
+    formed = float(_formed(texts).float().mean())
+    if formed < least:
+        warnings.warn(f"after the warm-up only {formed:.0%} of the test explanations are in the explanation's "
+                      "form, so RL and ExpCTR-Aug start from fragments; try another --seed or more --warmup-epochs",
+                      RuntimeWarning, stacklevel=3)
+
+
 def explanation_stats(data: CtrData, pairs: np.ndarray, texts: list[str]) -> dict[str, float]:
     """What explanations say: the fraction in the explanation's form; of their genre clauses, the
     fraction whose reading matches the prompt; how often the verdict agrees with the label, over
@@ -219,6 +244,7 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
         warmup_losses = lm.warm_up(data, train_pairs, config.seed)
     with clock("explain"):
         before = lm.explain(data, test_pairs, desc="explaining (before RL)")
+    _check_warm_up(before)
     policy = _Rl(lm, config)
     judge = policy.reference
 
@@ -266,10 +292,19 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     with clock("ctr"):
         control, control_fit = _fit_ctr(data, train_pairs, encode(shuffled_train), ctr_config, config.seed)
     predictions["aug_shuffled"] = ctr.predict(control, users, items, encode(shuffled_test)).numpy()
+    all_texts = [*train_texts, *test_texts]
+    order = _within_items(data.items[np.concatenate([train_pairs, test_pairs])], np.random.default_rng(config.seed + 4))
+    moved = [all_texts[i] for i in order]
+    with clock("ctr"):
+        item_control, item_control_fit = _fit_ctr(data, train_pairs, encode(moved[:len(train_pairs)]), ctr_config,
+                                                  config.seed)
+    predictions["aug_item_shuffled"] = ctr.predict(item_control, users, items,
+                                                   encode(moved[len(train_pairs):])).numpy()
 
     metrics = {**_scores(data.labels[test_pairs], data.cold[data.users[test_pairs]], predictions), "rounds": rounds,
                "ctr_epochs": {name: {"run": f.epochs, "kept": f.best_epoch}
-                              for name, f in (("id", id_fit), ("aug", aug_fit), ("aug_shuffled", control_fit))},
+                              for name, f in (("id", id_fit), ("aug", aug_fit), ("aug_shuffled", control_fit),
+                                              ("aug_item_shuffled", item_control_fit))},
                "llm_platt": {"a": platt[0], "b": platt[1]}, "seconds": time.perf_counter() - started,
                "seconds_by_phase": clock.seconds,
                "users": data.num_users, "items": data.num_items, "cold_users": int(data.cold.sum()),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gavamoe.expctr import ctr, rl
+from gavamoe.expctr.train import _within_items
 
 
 def test_auc_by_hand_with_ties_and_against_pair_counting():
@@ -137,3 +138,13 @@ def test_grpo_loss_value_and_gradient_by_hand():
     expected = torch.tensor([[-2 / 4, (-2 + 0.1 * (1 - np.exp(1.0))) / 4, 0.0], [1 / 6, 1 / 6, 1 / 6]],
                             dtype=torch.float64)
     torch.testing.assert_close(logp.grad, expected)
+
+
+def test_the_item_control_moves_explanations_only_among_pairs_of_one_item():
+    items = np.random.default_rng(0).integers(0, 7, 200)
+    order = _within_items(items, np.random.default_rng(1))
+    assert sorted(order) == list(range(200))  # a permutation
+    assert (items[order] == items).all()  # each explanation stays on its item
+    assert (order != np.arange(200)).mean() > 0.8  # and mostly leaves its pair
+    alone = np.array([3, 5, 3, 9])
+    assert _within_items(alone, np.random.default_rng(2))[[1, 3]].tolist() == [1, 3]  # one pair of its item: stays

@@ -113,6 +113,8 @@ def test_common_sense_verdict_and_a_label_free_warm_up():
     assert prompts.common_sense_verdict([("comedy", 1), ("horror", -1), ("drama", -1)], rng, prior=1.0) == "dislike"
     ties = [prompts.common_sense_verdict([("comedy", 1), ("horror", -1)], rng, prior=1.0) for _ in range(400)]
     assert 0.4 < ties.count("enjoy") / 400 < 0.6  # a tie is a coin flip
+    assert {prompts.common_sense_verdict([("comedy", 1), ("horror", -1)], rng, 0.5, cautious=True)
+            for _ in range(50)} == {"dislike"}  # a cautious tie
     leaning = [prompts.common_sense_verdict([("comedy", 1)], rng, prior=0.5) for _ in range(4000)]
     assert abs(leaning.count("enjoy") / 4000 - 0.75) < 0.03  # prior + (1 - prior) / 2
     data = planted_genres(num_users=20, seed=2)
@@ -140,6 +142,33 @@ def test_random_warmup_readings_keep_the_form_and_know_no_label():
     assert set(said) == {-1, 0, 1}
     with pytest.raises(ValueError, match="readings must be one of"):
         prompts.warmup_explanation(data, 0, np.random.default_rng(0), readings="label")
+
+
+def test_hedged_warmup_readings_say_new_or_the_prompts_reading_and_know_no_label():
+    data = planted_genres(num_users=40, seed=5)
+    hedged = kept = 0
+    for pair in data.pairs("train")[:200].tolist():
+        text = prompts.warmup_explanation(data, pair, np.random.default_rng(pair), 1.0, readings="hedged", hedge=0.6)
+        clauses, verdict = prompts.parse(text)
+        lean = sum(r for _, r in clauses)  # prior 1, and a cautious reader's tie is "dislike"
+        assert verdict == prompts.SENTIMENTS[0 if lean > 0 else 1]
+        for (_, said), (_, true) in zip(clauses, prompts.true_readings(data, pair), strict=True):
+            assert said in (0, true)  # the prompt's reading, or "a new genre"
+            if true:
+                hedged, kept = hedged + (said == 0), kept + (said == true)
+        data.labels[pair] ^= 1
+        again = prompts.warmup_explanation(data, pair, np.random.default_rng(pair), 1.0, readings="hedged", hedge=0.6)
+        assert again == text
+        data.labels[pair] ^= 1
+    assert hedged + kept > 100 and abs(hedged / (hedged + kept) - 0.6) < 0.1
+    for hedge, expected in ((0.0, "prompt"), (1.0, None)):
+        for pair in data.pairs("train")[:20].tolist():
+            clauses, _ = prompts.parse(prompts.warmup_explanation(data, pair, np.random.default_rng(0), 1.0,
+                                                                  readings="hedged", hedge=hedge))
+            truth = prompts.true_readings(data, pair)
+            assert clauses == (truth if expected else [(g, 0) for g, _ in truth])
+    with pytest.raises(ValueError, match="hedge must be in"):
+        prompts.warmup_explanation(data, 0, np.random.default_rng(0), readings="hedged", hedge=1.5)
 
 
 def test_explanation_stats_count_liked_genres_named_by_hand():
