@@ -35,6 +35,8 @@ class Sequences:
     items: list[list[int]]
     item_facets: np.ndarray | None = None  # (num_items + 1, F) facet values; row 0 is padding
     user_facet: np.ndarray | None = None  # (users,) the facet each user's choices follow
+    user_liked: np.ndarray | None = None  # (users, 2) the two values of that facet the user likes
+    stick: float = 0.8  # how often the next liked value is the previous item's (planted_facets)
     source: str = "synthetic"
     dropped_users: int = 0
     item_names: list[str] = field(default_factory=list)
@@ -102,9 +104,10 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
     facets = rng.integers(0, values, (num_items, num_facets))
     by_value = [[np.flatnonzero(facets[:, f] == v) for v in range(values)] for f in range(num_facets)]
     user_facet = rng.integers(0, num_facets, num_users)
-    sequences = []
+    sequences, user_liked = [], []
     for f in user_facet:
         liked = rng.choice(values, 2, replace=False)
+        user_liked.append(liked)
         current = liked[0]
         seq = []
         for _ in range(length):
@@ -117,7 +120,8 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
                 current = liked[1] if current == liked[0] else liked[0]
         sequences.append(seq)
     padded = np.vstack([np.full((1, num_facets), -1), facets])
-    return Sequences(num_items, [str(u) for u in range(num_users)], sequences, padded, user_facet)
+    return Sequences(num_items, [str(u) for u in range(num_users)], sequences, padded, user_facet,
+                     np.array(user_liked).reshape(num_users, 2), stick)
 
 
 @dataclass
@@ -155,3 +159,30 @@ def leave_one_out(data: Sequences, max_len: int = 50) -> dict[str, Split]:
         "test": Split(_right_aligned([s[:-1] for s in data.items], max_len),
                       torch.tensor([s[-1] for s in data.items]), users),
     }
+
+
+def planted_oracle_scores(data: Sequences, split: Split, generator: torch.Generator) -> torch.Tensor:
+    """Scores (n, num_items) of the ranker that knows the planted truth of ``planted_facets``: each
+    user's facet and two liked values. The liked value of the latest input item that has one is
+    the current one; items with the value the next item likelier has (the current one when
+    ``stick`` >= 1/2) score 2, items with the other liked value 1, the rest 0 (both liked values
+    1.5 when no input item has one), plus uniform noise in [0, 1/2) so that ties, which no model
+    can break on this data, fall at random."""
+    if data.user_liked is None or data.item_facets is None or data.user_facet is None:
+        raise ValueError("the oracle needs planted data (planted_facets)")
+    inputs, users = split.inputs.numpy(), split.users.numpy()
+    facet, liked = data.user_facet[users], data.user_liked[users]  # (n,), (n, 2)
+    seen = data.item_facets[inputs, facet[:, None]]  # (n, L); padding is -1
+    is_liked = (seen[..., None] == liked[:, None, :]).any(-1)
+    found = is_liked.any(1)
+    last = seen.shape[1] - 1 - is_liked[:, ::-1].argmax(1)
+    current = seen[np.arange(len(seen)), last]
+    other = np.where(current == liked[:, 0], liked[:, 1], liked[:, 0])
+    first, second = (current, other) if data.stick >= 0.5 else (other, current)
+    values = data.item_facets[1:][:, facet].T  # (n, num_items): each item's value in the user's facet
+    scores = np.where(values == first[:, None], 2.0, np.where(values == second[:, None], 1.0, 0.0))
+    either = (values == liked[:, :1]) | (values == liked[:, 1:])
+    scores = np.where(found[:, None], scores, np.where(either, 1.5, 0.0))
+    noise = torch.rand(scores.shape, generator=generator, dtype=torch.float64) / 2
+    return torch.as_tensor(scores) + noise
+

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import plots
 from ..errors import UserInputError, check_at_least_one, check_device
-from .data import Sequences, Split, leave_one_out
+from .data import Sequences, Split, leave_one_out, planted_oracle_scores
 from .metrics import normalized_mutual_information as nmi
 from .metrics import ranking_metrics, target_ranks
 from .model import SeqRec, SeqRecConfig
@@ -73,6 +73,15 @@ def popularity(data: Sequences, splits: dict[str, Split]) -> dict[str, dict[str,
     return out
 
 
+def oracle(data: Sequences, splits: dict[str, Split], seed: int) -> dict[str, dict[str, float]]:
+    """The planted-truth ranker's metrics (data.planted_oracle_scores): what the best model could
+    reach on the planted data, up to the chance of its ties."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: ranking_metrics(target_ranks(planted_oracle_scores(data, splits[name], generator),
+                                               splits[name].targets))
+            for name in ("validation", "test")}
+
+
 def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out: Path | None = None) -> dict:
     """Train with early stopping; return (and with ``out`` write) the metrics."""
     torch.manual_seed(config.seed)
@@ -116,6 +125,8 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
                "popularity": popularity(data, splits), "history": history,
                "users": len(data), "items": data.num_items, "dropped_users": data.dropped_users,
                "config": {"model": asdict(model_config), "train": asdict(config), "data": data.source}}
+    if data.user_liked is not None:
+        metrics["oracle"] = oracle(data, splits, config.seed)
     if weights and data.user_facet is not None:
         metrics["head_gate_nmi"] = nmi(weights["heads"].argmax(1).numpy(), data.user_facet)
     if out is not None:

@@ -21,7 +21,7 @@ def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
     assert main(["--out", str(out), "--model", model, *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) == KEYS and set(metrics["validation"]) == KEYS
-    assert set(metrics["popularity"]["test"]) == KEYS
+    assert set(metrics["popularity"]["test"]) == KEYS and set(metrics["oracle"]["test"]) == KEYS
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(0 <= v <= 1 for v in metrics["test"].values())
     assert metrics["config"]["model"]["model"] == model
@@ -38,7 +38,8 @@ def test_inter_file_run(tmp_path):
     out = tmp_path / "run"
     assert main(["--out", str(out), "--data", str(path), "--dim", "16", "--epochs", "1", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["users"] == 40 and metrics["items"] == 23 and "head_gate_nmi" not in metrics
+    assert metrics["users"] == 40 and metrics["items"] == 23
+    assert "head_gate_nmi" not in metrics and "oracle" not in metrics  # no planted truth in a file
     assert metrics["config"]["data"] == str(path.resolve())
 
 

@@ -19,7 +19,7 @@ TINY = ["--synthetic-users", "150", "--synthetic-items", "30", "--synthetic-leng
 def test_comparison_summarises_every_run(tmp_path):
     assert main(["--out", str(tmp_path), "--seeds", "2", *TINY]) == 0
     summary = json.loads((tmp_path / "comparison.json").read_text())
-    assert set(summary) == {"fame", "sasrec", "fame, 1 expert", "popularity"}
+    assert set(summary) == {"fame", "sasrec", "fame, 1 expert", "popularity", "oracle (planted truth)"}
     for name, folder in (("fame", "fame"), ("sasrec", "sasrec"), ("fame, 1 expert", "fame-1expert")):
         runs = [json.loads((tmp_path / f"{folder}-seed{s}" / "metrics.json").read_text()) for s in range(2)]
         values = [r["test"]["ndcg@10"] for r in runs]
@@ -28,7 +28,7 @@ def test_comparison_summarises_every_run(tmp_path):
     assert runs[0]["config"]["model"]["num_experts"] == 1
     assert "head_gate_nmi" in summary["fame"] and "head_gate_nmi" not in summary["sasrec"]
     table = (tmp_path / "comparison.md").read_text()
-    assert table.count("\n| ") == 5  # header and four rows
+    assert table.count("\n| ") == 6  # header and five rows
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from gavamoe.errors import UserInputError
-from gavamoe.fame.data import leave_one_out, planted_facets, read_inter
+from gavamoe.fame.data import Sequences, Split, leave_one_out, planted_facets, planted_oracle_scores, read_inter
 from gavamoe.fame.metrics import normalized_mutual_information, ranking_metrics, target_ranks
+from gavamoe.fame.train import oracle, popularity
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
 u1\tA\t5\t30
@@ -74,6 +76,39 @@ def test_planted_facets_follow_the_users_facet():
         values = {int(data.item_facets[i, f]) for i in seq}
         assert len(values) <= 2  # two liked values on the user's facet, nothing else without noise
     assert planted_facets(50, 40, seed=3).items == planted_facets(50, 40, seed=3).items
+
+
+def test_planted_facets_record_the_liked_values_the_sequences_follow():
+    data = planted_facets(200, 80, num_facets=2, values=5, length=12, noise=0.0, seed=2)
+    for seq, f, liked in zip(data.items, data.user_facet, data.user_liked, strict=True):
+        assert {int(data.item_facets[i, f]) for i in seq} <= set(liked.tolist()) and liked[0] != liked[1]
+
+
+def test_the_oracle_ranks_the_current_liked_value_first_by_hand():
+    # items 1..6; facet 0 values 0 0 1 1 2 2, facet 1 values 0 1 0 1 0 1 (row 0 is padding)
+    facets = np.array([[-1, -1], [0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]])
+    data = Sequences(6, ["a", "b", "c"], [[1], [1], [1]], facets, user_facet=np.array([0, 0, 1]),
+                     user_liked=np.array([[0, 2], [0, 2], [0, 1]]))
+    inputs = torch.tensor([[0, 1, 5, 3],   # user a (facet 0, likes 0 and 2): latest liked value 2 (item 5)
+                           [0, 0, 3, 4],   # user b: no input item has a liked value
+                           [2, 3, 5, 6]])  # user c (facet 1, likes 0 and 1): latest is item 6, value 1
+    split = Split(inputs, torch.tensor([5, 1, 2]), torch.tensor([0, 1, 2]))
+    scores = planted_oracle_scores(data, split, torch.Generator().manual_seed(0))
+    assert ((scores[[0, 2]] - scores[[0, 2]].floor()) < 0.5).all()  # noise in [0, 1/2) within each class
+    assert scores.floor().tolist()[0] == [1, 1, 0, 0, 2, 2]  # value 2 first, value 0 next, value 1 last
+    assert (scores * 2).floor().tolist()[1] == [3, 3, 0, 0, 3, 3]  # both liked values alike (1.5)
+    assert scores.floor().tolist()[2] == [1, 2, 1, 2, 1, 2]
+    data.stick = 0.3  # the next item more often switches to the other liked value
+    assert planted_oracle_scores(data, split, torch.Generator()).floor().tolist()[0] == [2, 2, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="planted data"):
+        planted_oracle_scores(Sequences(6, ["a"], [[1]]), split, torch.Generator())
+
+
+def test_the_oracle_on_the_default_planted_data_far_above_popularity():
+    data = planted_facets(seed=0)
+    splits = leave_one_out(data)
+    ceiling, popular = oracle(data, splits, seed=0)["test"], popularity(data, splits)["test"]
+    assert ceiling["ndcg@10"] > 2 * popular["ndcg@10"], (ceiling, popular)  # 0.148 against 0.052
 
 
 def test_ranks_are_pessimistic_and_metrics_match_hand_values():
