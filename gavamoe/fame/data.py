@@ -185,4 +185,3 @@ def planted_oracle_scores(data: Sequences, split: Split, generator: torch.Genera
     scores = np.where(found[:, None], scores, np.where(either, 1.5, 0.0))
     noise = torch.rand(scores.shape, generator=generator, dtype=torch.float64) / 2
     return torch.as_tensor(scores) + noise
-

@@ -74,8 +74,8 @@ def popularity(data: Sequences, splits: dict[str, Split]) -> dict[str, dict[str,
 
 
 def oracle(data: Sequences, splits: dict[str, Split], seed: int) -> dict[str, dict[str, float]]:
-    """The planted-truth ranker's metrics (data.planted_oracle_scores): what the best model could
-    reach on the planted data, up to the chance of its ties."""
+    """The planted-truth ranker's metrics (data.planted_oracle_scores): about the most a model can
+    reach on the planted data, since it knows what a model has to infer from the history."""
     generator = torch.Generator().manual_seed(seed)
     return {name: ranking_metrics(target_ranks(planted_oracle_scores(data, splits[name], generator),
                                                splits[name].targets))

@@ -118,7 +118,7 @@ def test_the_default_run_shows_the_papers_claims(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_a_failed_warm_up_is_a_warning(tmp_path):
+def test_a_failed_warm_up_is_a_warning():
     """A warm-up that leaves the explanations out of their form (here: a learning rate too small to
     learn anything) warns before RL; the default run does not (test above)."""
     data = planted_genres(num_users=24, num_items=40, warm_pairs=6, test_pairs=4, seed=0)

@@ -161,12 +161,12 @@ def test_hedged_warmup_readings_say_new_or_the_prompts_reading_and_know_no_label
         assert again == text
         data.labels[pair] ^= 1
     assert hedged + kept > 100 and abs(hedged / (hedged + kept) - 0.6) < 0.1
-    for hedge, expected in ((0.0, "prompt"), (1.0, None)):
+    for hedge, keeps_the_prompts in ((0.0, True), (1.0, False)):
         for pair in data.pairs("train")[:20].tolist():
             clauses, _ = prompts.parse(prompts.warmup_explanation(data, pair, np.random.default_rng(0), 1.0,
                                                                   readings="hedged", hedge=hedge))
             truth = prompts.true_readings(data, pair)
-            assert clauses == (truth if expected else [(g, 0) for g, _ in truth])
+            assert clauses == (truth if keeps_the_prompts else [(g, 0) for g, _ in truth])
     with pytest.raises(ValueError, match="hedge must be in"):
         prompts.warmup_explanation(data, 0, np.random.default_rng(0), readings="hedged", hedge=1.5)
 
