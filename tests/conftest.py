@@ -33,3 +33,12 @@ def device() -> torch.device:
     from tests.helpers import DEVICE
 
     return DEVICE
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the README's CPU runs of the models (one thread each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

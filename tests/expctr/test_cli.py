@@ -5,7 +5,6 @@ import json
 import warnings
 
 import pytest
-import torch
 
 from gavamoe.errors import run_cli
 from gavamoe.expctr.__main__ import main
@@ -86,14 +85,6 @@ def test_run_writes_the_contract_and_repeats_with_its_seed(tmp_path):
 def test_moe_run(tmp_path):
     metrics = _run(tmp_path / "moe", "--moe", "--num-experts", "4", "--num-clusters", "3")
     assert metrics["config"]["llm"]["moe"] and KEYS <= set(metrics["all"])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the README's runs: one thread each
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
