@@ -232,9 +232,16 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     encode = SentenceEncoder(encoder)
     users, items, _ = _tensors(data, test_pairs)
 
-    with clock("ctr"):
-        id_model, id_fit = _fit_ctr(data, train_pairs, None, ctr_config, config.seed)
-    predictions = {"id": ctr.predict(id_model, users, items).numpy()}
+    predictions, fits = {}, {}
+
+    def fit_and_predict(name: str, train_text: torch.Tensor | None, test_text: torch.Tensor | None) -> ctr.DeepFM:
+        """The DeepFM ``name`` on the training pairs (IDs alone when the texts are None); its test predictions."""
+        with clock("ctr"):
+            model, fits[name] = _fit_ctr(data, train_pairs, train_text, ctr_config, config.seed)
+        predictions[name] = ctr.predict(model, users, items, test_text).numpy()
+        return model
+
+    id_model = fit_and_predict("id", None, None)
 
     clusters = (user_clusters(id_model, llm_config.num_clusters, config.seed) if llm_config.moe
                 else torch.zeros(data.num_users, dtype=torch.long))
@@ -280,31 +287,21 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
     with clock("explain"):
         train_texts = lm.explain(data, train_pairs)
         test_texts = lm.explain(data, test_pairs)
-    with clock("ctr"):
-        aug, aug_fit = _fit_ctr(data, train_pairs, encode(train_texts), ctr_config, config.seed)
-    predictions["aug"] = ctr.predict(aug, users, items, encode(test_texts)).numpy()
+    train_emb, test_emb = encode(train_texts), encode(test_texts)
+    fit_and_predict("aug", train_emb, test_emb)
     platt = _platt(lm.p_yes(judge, data, train_pairs.tolist(), train_texts),
                    torch.as_tensor(data.labels[train_pairs]))
     predictions["llm"] = _calibrated(lm.p_yes(judge, data, test_pairs.tolist(), test_texts), platt).numpy()
+    # the controls: the same explanation embeddings, moved to other pairs
     shuffle = np.random.default_rng(config.seed + 2)
-    shuffled_train = [train_texts[i] for i in shuffle.permutation(len(train_texts))]
-    shuffled_test = [test_texts[i] for i in shuffle.permutation(len(test_texts))]
-    with clock("ctr"):
-        control, control_fit = _fit_ctr(data, train_pairs, encode(shuffled_train), ctr_config, config.seed)
-    predictions["aug_shuffled"] = ctr.predict(control, users, items, encode(shuffled_test)).numpy()
-    all_texts = [*train_texts, *test_texts]
+    fit_and_predict("aug_shuffled", train_emb[shuffle.permutation(len(train_emb))],
+                    test_emb[shuffle.permutation(len(test_emb))])
     order = _within_items(data.items[np.concatenate([train_pairs, test_pairs])], np.random.default_rng(config.seed + 4))
-    moved = [all_texts[i] for i in order]
-    with clock("ctr"):
-        item_control, item_control_fit = _fit_ctr(data, train_pairs, encode(moved[:len(train_pairs)]), ctr_config,
-                                                  config.seed)
-    predictions["aug_item_shuffled"] = ctr.predict(item_control, users, items,
-                                                   encode(moved[len(train_pairs):])).numpy()
+    moved = torch.cat([train_emb, test_emb])[torch.as_tensor(order)]
+    fit_and_predict("aug_item_shuffled", moved[:len(train_pairs)], moved[len(train_pairs):])
 
     metrics = {**_scores(data.labels[test_pairs], data.cold[data.users[test_pairs]], predictions), "rounds": rounds,
-               "ctr_epochs": {name: {"run": f.epochs, "kept": f.best_epoch}
-                              for name, f in (("id", id_fit), ("aug", aug_fit), ("aug_shuffled", control_fit),
-                                              ("aug_item_shuffled", item_control_fit))},
+               "ctr_epochs": {name: {"run": f.epochs, "kept": f.best_epoch} for name, f in fits.items()},
                "llm_platt": {"a": platt[0], "b": platt[1]}, "seconds": time.perf_counter() - started,
                "seconds_by_phase": clock.seconds,
                "users": data.num_users, "items": data.num_items, "cold_users": int(data.cold.sum()),
@@ -315,7 +312,7 @@ def train(data: CtrData, llm_config: LlmConfig, ctr_config: ctr.CtrConfig, confi
                                "after_rl": explanation_stats(data, test_pairs, test_texts)}
     if out is not None:
         _write(out, data, metrics, train_pairs, train_texts, test_pairs, test_texts, curves,
-               {"ID-only CTR": id_fit.losses, "LLM warm-up": warmup_losses})
+               {"ID-only CTR": fits["id"].losses, "LLM warm-up": warmup_losses})
     return metrics
 
 
