@@ -42,6 +42,20 @@ def test_with_4000_users_the_head_gate_follows_the_planted_facet(tmp_path, one_t
     assert metrics["test"]["ndcg@10"] > 0.95 * metrics["oracle"]["test"]["ndcg@10"], metrics["test"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_eight_values_per_facet_the_experts_beat_one_expert_per_head(tmp_path, one_thread, seed):
+    """The README's 8-value runs (about 6 minutes a seed on one thread): FAME's NDCG@10 is above
+    its one-expert form's on every seed measured (by 0.0092 on seed 0, 0.0056 on seed 1)."""
+    ndcg = {}
+    for experts in ("4", "1"):
+        out = tmp_path / experts
+        assert main(["--out", str(out), "--synthetic-values", "8", "--synthetic-items", "200", "--num-experts",
+                     experts, "--seed", str(seed), "--device", "cpu"]) == 0
+        ndcg[experts] = json.loads((out / "metrics.json").read_text())["test"]["ndcg@10"]
+    assert ndcg["4"] > ndcg["1"], ndcg
+
+
 def test_inter_file_run(tmp_path):
     lines = ["user_id:token\titem_id:token\ttimestamp:float"]
     lines += [f"u{u}\ti{(u * 7 + t) % 23}\t{t}" for u in range(40) for t in range(6)]
