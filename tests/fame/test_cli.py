@@ -45,7 +45,7 @@ def test_with_4000_users_the_head_gate_follows_the_planted_facet(tmp_path, one_t
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_with_eight_values_per_facet_the_experts_beat_one_expert_per_head(tmp_path, one_thread, seed):
-    """The README's 8-value runs (about 6 minutes a seed on one thread): FAME's NDCG@10 is above
+    """The README's 8-value runs (4 to 6 minutes a seed on one thread): FAME's NDCG@10 is above
     its one-expert form's on every seed measured (by 0.0092 on seed 0, 0.0056 on seed 1)."""
     ndcg = {}
     for experts in ("4", "1"):
