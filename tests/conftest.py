@@ -12,6 +12,9 @@ from gavamoe_kernels.testing import poisoned_empty
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow model runs first: make test hands the first tests out to its processes in turn
+    # (pytest-xdist's load scheduling), so the long runs are spread over them.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
