@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -125,6 +126,12 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
                "popularity": popularity(data, splits), "history": history,
                "users": len(data), "items": data.num_items, "dropped_users": data.dropped_users,
                "config": {"model": asdict(model_config), "train": asdict(config), "data": data.source}}
+    floor = metrics["popularity"]["validation"]["ndcg@10"]
+    if validation["ndcg@10"] <= floor:
+        warnings.warn(f"{model_config.model} ends at validation NDCG@10 {validation['ndcg@10']:.4f}, not above the "
+                      f"popularity baseline's {floor:.4f}: training stopped before it learned more than counts "
+                      f"(best epoch {best_epoch}); a smaller --batch-size, a larger --patience or --lr may help",
+                      RuntimeWarning, stacklevel=2)
     if data.user_liked is not None:
         metrics["oracle"] = oracle(data, splits, config.seed)
     if weights and data.user_facet is not None:
