@@ -129,7 +129,7 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
     floor = metrics["popularity"]["validation"]["ndcg@10"]
     if validation["ndcg@10"] <= floor:
         warnings.warn(f"{model_config.model} ends at validation NDCG@10 {validation['ndcg@10']:.4f}, not above the "
-                      f"popularity baseline's {floor:.4f}: training stopped before it learned more than counts "
+                      f"popularity baseline's {floor:.4f}: it has learned no more than item counts "
                       f"(best epoch {best_epoch}); a smaller --batch-size, a larger --patience or --lr may help",
                       RuntimeWarning, stacklevel=2)
     if data.user_liked is not None:
