@@ -119,8 +119,9 @@ def test_a_failed_warm_up_is_a_warning():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="depends on the CPU's arithmetic: holds on the AMD EPYC machine where it was "
-                   "measured; on an Intel Xeon (2026-12-05) RL leaves every explanation as it was (README, ExpCTR)")
+@pytest.mark.xfail(strict=False, reason="depends on the CPU's arithmetic: held where it was measured (2026-11-24, "
+                   "most likely an AMD EPYC); on an Intel Xeon (2026-12-05) RL leaves every explanation as it was "
+                   "(README)")
 def test_rl_teaches_a_cautious_reader_to_name_the_liked_genres(tmp_path, one_thread):
     """The README's cautious-reader run (about 8 minutes on one thread): warmed up to read most
     genres as "new" and to say "dislike" on a tie, the LLM names no planted liked genre as liked
