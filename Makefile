@@ -19,11 +19,12 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 # CPU suite: torch backend, and the real Triton kernels through the interpreter. The suite is spread
-# over TEST_JOBS processes (pytest-xdist). The slow tests are collected first
+# over TEST_JOBS processes of one thread each (pytest-xdist; more threads per process oversubscribe
+# the cores and slowed the suite several times over). The slow tests are collected first
 # and handed out one test at a time, so the long runs spread over the processes.
 TEST_JOBS ?= 2
 test: venv
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist load --maxschedchunk 1
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist load --maxschedchunk 1
 
 # Same suite on a CUDA machine, Triton compiled (bf16 included).
 test-gpu: venv
