@@ -159,6 +159,8 @@ class FameLayer(nn.Module):
 class SeqRec(nn.Module):
     """SASRec, or FAME when ``config.model == "fame"``: (B, S) item ids -> scores over items."""
 
+    GROUPS = 8  # row groups of hidden_at
+
     def __init__(self, config: SeqRecConfig):
         super().__init__()
         self.config = c = config
@@ -174,37 +176,84 @@ class SeqRec(nn.Module):
         if fame:
             self.item_projection = nn.Linear(c.dim, c.dim, bias=False)  # P_h: output block h
             self.head_gate = nn.Linear(c.dim, c.num_heads)
-        self.head_weights: torch.Tensor | None = None  # (B, S, H) of the last call, for plots
+        # at the last call's scored positions, for plots: FAME's head gate (..., H) and expert weights (..., H, N)
+        self.head_weights: torch.Tensor | None = None
+        self.expert_weights: torch.Tensor | None = None
 
-    def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, S) ids -> (B, S, D) for SASRec, (B, S, H, d) per-head representations for FAME."""
+    def hidden(self, inputs: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+        """(B, S) ids -> (B, S, D) for SASRec, (B, S, H, d) per-head representations for FAME.
+        The columns are positions first_position.. of the model's max_len (see ``hidden_at``)."""
         S = inputs.shape[1]
-        if S > self.config.max_len:
-            raise ValueError(f"inputs must have at most max_len={self.config.max_len} positions, got {S}")
-        x = self.item_embedding(inputs) + self.position_embedding(torch.arange(S, device=inputs.device))
+        if first_position + S > self.config.max_len:
+            raise ValueError(f"inputs must have at most max_len={self.config.max_len} positions, got "
+                             f"{first_position + S}")
+        positions = torch.arange(first_position, first_position + S, device=inputs.device)
+        x = self.item_embedding(inputs) + self.position_embedding(positions)
         x = F.dropout(self.input_norm(x), self.config.dropout, self.training)
         mask = attention_mask(inputs)
         for block in self.blocks:
             x = block(x, mask)
-        return self.fame(x, mask) if self.fame is not None else x
+        if self.fame is None:
+            return x
+        x = self.fame(x, mask)
+        self.expert_weights = self.fame.expert_weights
+        return x
 
-    def log_probs(self, inputs: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def hidden_at(self, inputs: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The representations at the (B, S) positions where ``where`` is True, (M, D) or (M, H, d),
+        in row-major order, as ``hidden(inputs)[where]`` gives them, without computing the leading
+        padding. Inputs are right-aligned and a real item attends to real items only, so a row's
+        leading padding columns change none of its other positions: the rows are sorted by how many
+        there are and run in GROUPS groups, each without the columns that are padding in all its rows
+        (one group when that saves under a quarter of the work). On Amazon Beauty (median 3 items
+        of 50) the encoder's time fell about fivefold (profiled, one SASRec epoch). With dropout
+        the draws fall differently from ``hidden(inputs)``'s; without it the results agree up to rounding."""
+        B, S = inputs.shape
+        used = (inputs != 0) | where
+        width = torch.where(used.any(1), S - used.int().argmax(1), 0)  # columns from the first used one
+        order = torch.argsort(width, stable=True)
+        groups = [g for g in order.chunk(min(self.GROUPS, B)) if len(g)]
+        widths = [int(width[g].max()) for g in groups]
+        if sum(w * len(g) for w, g in zip(widths, groups, strict=True)) > 0.75 * B * max(widths):
+            groups, widths = [torch.arange(B, device=inputs.device)], [max(widths)]
+        index = torch.full_like(inputs, -1)
+        index[where] = torch.arange(int(where.sum()), device=inputs.device)
+        picked, experts, at = [], [], []
+        for rows, w in zip(groups, widths, strict=True):
+            w = max(w, 1)
+            h = self.hidden(inputs[rows, S - w:], first_position=S - w)
+            keep = where[rows, S - w:]
+            picked.append(h[keep])
+            at.append(index[rows, S - w:][keep])
+            if self.fame is not None:
+                experts.append(self.fame.expert_weights[keep])
+        back = torch.argsort(torch.cat(at))
+        if self.fame is not None:
+            self.expert_weights = torch.cat(experts)[back]
+        return torch.cat(picked)[back]
+
+    def log_probs(self, inputs: torch.Tensor, last_only: bool = False,
+                  where: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probabilities over items 1..num_items (column j is item j + 1): (B, S, num_items),
-        or (B, num_items) of the last position with ``last_only``."""
-        h = self.hidden(inputs)
+        (B, num_items) of the last position with ``last_only``, or (M, num_items) of the M positions
+        where the (B, S) bool mask ``where`` is True. Scoring every item is the costly part, so
+        training scores only its target positions (on Amazon Beauty 12% of them are real items),
+        and both these forms compute only those positions' representations (``hidden_at``)."""
         if last_only:
-            h = h[:, -1:]
+            where = torch.zeros_like(inputs, dtype=torch.bool)
+            where[:, -1] = True
+        return self.score(self.hidden(inputs) if where is None else self.hidden_at(inputs, where))
+
+    def score(self, h: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (..., num_items) of representations (..., D), or for FAME (..., H, d)."""
         items = self.item_embedding.weight[1:]  # [V, D]
         if self.fame is None:
-            scores = F.log_softmax(h @ items.T, dim=-1)
-        else:
-            B, S, H, d = h.shape
-            gate = torch.softmax(self.head_gate(h.reshape(B, S, H * d)), dim=-1)  # [B, S, H]
-            self.head_weights = gate.detach()
-            sub = self.item_projection(items).view(-1, H, d)  # [V, H, d] item sub-embeddings
-            if self.config.head_mix == "logits":  # sum_h g_h r_h . e_h: one matmul over the concatenation
-                scores = F.log_softmax((gate.unsqueeze(-1) * h).reshape(B, S, H * d) @ sub.reshape(-1, H * d).T, -1)
-            else:
-                per_head = F.log_softmax(torch.einsum("bshd,vhd->bshv", h, sub), dim=-1)  # [B, S, H, V]
-                scores = torch.logsumexp(per_head + gate.clamp_min(1e-30).log().unsqueeze(-1), dim=2)
-        return scores[:, 0] if last_only else scores
+            return F.log_softmax(h @ items.T, dim=-1)
+        H, d = h.shape[-2:]
+        gate = torch.softmax(self.head_gate(h.flatten(-2)), dim=-1)  # [..., H]
+        self.head_weights = gate.detach()
+        sub = self.item_projection(items).view(-1, H, d)  # [V, H, d] item sub-embeddings
+        if self.config.head_mix == "logits":  # sum_h g_h r_h . e_h: one matmul over the concatenation
+            return F.log_softmax((gate.unsqueeze(-1) * h).flatten(-2) @ sub.reshape(-1, H * d).T, -1)
+        per_head = F.log_softmax(torch.einsum("...hd,vhd->...hv", h, sub), dim=-1)  # [..., H, V]
+        return torch.logsumexp(per_head + gate.clamp_min(1e-30).log().unsqueeze(-1), dim=-2)

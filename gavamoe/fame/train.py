@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from .data import Sequences, Split, leave_one_out, planted_oracle_scores
 from .metrics import normalized_mutual_information as nmi
 from .metrics import ranking_metrics, target_ranks
 from .model import SeqRec, SeqRecConfig
+
+REPORT_SECONDS = 60  # without a terminal (no progress bar), a line on stderr at most this often
 
 
 @dataclass
@@ -57,8 +60,8 @@ def evaluate(model: SeqRec, split: Split, batch_size: int, device) -> tuple[dict
         scores = model.log_probs(inputs, last_only=True)
         ranks.append(target_ranks(scores, split.targets[s:s + batch_size].to(device)).cpu())
         if model.fame is not None:
-            weights["heads"].append(model.head_weights[:, -1].cpu())
-            weights["experts"].append(model.fame.expert_weights[:, -1].cpu())
+            weights["heads"].append(model.head_weights.cpu())
+            weights["experts"].append(model.expert_weights.cpu())
     model.train()
     return ranking_metrics(torch.cat(ranks)), {k: torch.cat(v) for k, v in weights.items() if v}
 
@@ -93,7 +96,7 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
     train_split = splits["train"]
     generator = torch.Generator().manual_seed(config.seed)
     best, best_state, best_epoch, losses, history = -1.0, None, 0, [], []
-    started = time.perf_counter()
+    started = reported = time.perf_counter()
     bar = tqdm(range(config.epochs), desc=f"{model_config.model}", disable=None, mininterval=0.5)
     for epoch in bar:
         order = torch.randperm(len(train_split.inputs), generator=generator)
@@ -102,8 +105,7 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
             rows = order[s:s + config.batch_size]
             inputs, targets = train_split.inputs[rows].to(device), train_split.targets[rows].to(device)
             keep = targets != 0
-            log_probs = model.log_probs(inputs)
-            loss = F.nll_loss(log_probs[keep], targets[keep] - 1)
+            loss = F.nll_loss(model.log_probs(inputs, where=keep), targets[keep] - 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -117,6 +119,11 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
             best, best_state, best_epoch = validation["ndcg@10"], copy.deepcopy(model.state_dict()), epoch + 1
         elif epoch + 1 - best_epoch >= config.patience:
             break
+        if bar.disable and time.perf_counter() - reported >= REPORT_SECONDS:  # no terminal: a line now and then
+            reported = time.perf_counter()
+            print(f"{model_config.model} epoch {epoch + 1}: loss {history[-1]['loss']:.3f}, validation NDCG@10 "
+                  f"{validation['ndcg@10']:.4f} (best {best:.4f}, epoch {best_epoch}), {reported - started:.0f} s",
+                  file=sys.stderr, flush=True)
     bar.close()
     model.load_state_dict(best_state)
     validation, _ = evaluate(model, splits["validation"], 1024, device)

@@ -30,30 +30,25 @@ def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
     assert ("head_gate_nmi" in metrics) == (model == "fame")
 
 
+def test_without_a_terminal_training_reports_its_epochs_on_stderr(tmp_path, capsys, monkeypatch):
+    """Under nohup or in a log there is no progress bar; a line per REPORT_SECONDS stands in for it."""
+    monkeypatch.setattr("gavamoe.fame.train.REPORT_SECONDS", 0)
+    assert main(["--out", str(tmp_path / "run"), *TINY]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fame epoch")]
+    assert [line.split(":")[0] for line in lines] == ["fame epoch 1", "fame epoch 2"], lines
+    assert "validation NDCG@10" in lines[0]
+
+
 @pytest.mark.slow
 def test_with_4000_users_the_head_gate_follows_the_planted_facet(tmp_path, one_thread):
-    """The README's 4000-user run (about 8 minutes on one thread): FAME's head gate sends the users
-    of each planted facet to their own head (NMI 0.93 there) and FAME reaches the planted-truth
-    ranker (NDCG@10 0.1319 against 0.1312)."""
+    """The README's 4000-user run (about 3 minutes on one thread): FAME's head gate sends the users
+    of each planted facet to their own head (NMI 0.92 there) and FAME reaches the planted-truth
+    ranker (NDCG@10 0.1322 against 0.1312)."""
     out = tmp_path / "run"
     assert main(["--out", str(out), "--synthetic-users", "4000", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head_gate_nmi"] > 0.5, metrics["head_gate_nmi"]
     assert metrics["test"]["ndcg@10"] > 0.95 * metrics["oracle"]["test"]["ndcg@10"], metrics["test"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
-def test_with_eight_values_per_facet_the_experts_beat_one_expert_per_head(tmp_path, one_thread, seed):
-    """The README's 8-value runs (4 to 6 minutes a seed on one thread): FAME's NDCG@10 is above
-    its one-expert form's on every seed measured (by 0.0092 on seed 0, 0.0056 on seed 1)."""
-    ndcg = {}
-    for experts in ("4", "1"):
-        out = tmp_path / experts
-        assert main(["--out", str(out), "--synthetic-values", "8", "--synthetic-items", "200", "--num-experts",
-                     experts, "--seed", str(seed), "--device", "cpu"]) == 0
-        ndcg[experts] = json.loads((out / "metrics.json").read_text())["test"]["ndcg@10"]
-    assert ndcg["4"] > ndcg["1"], ndcg
 
 
 def test_a_model_not_above_popularity_is_a_warning(tmp_path):

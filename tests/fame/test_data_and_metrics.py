@@ -124,6 +124,14 @@ def test_ranks_are_pessimistic_and_metrics_match_hand_values():
     assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5) + 1) / 3)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_score_is_an_error_not_a_hit(bad):
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.1]])
+    scores[1, 0] = bad  # a NaN target would otherwise rank first
+    with pytest.raises(ValueError, match="finite"):
+        target_ranks(scores, torch.tensor([3, 1]))
+
+
 def test_normalized_mutual_information_by_hand():
     assert normalized_mutual_information([0, 0, 1, 1], [5, 5, 7, 7]) == pytest.approx(1.0)
     assert normalized_mutual_information([0, 1, 0, 1], [0, 0, 1, 1]) == pytest.approx(0.0, abs=1e-12)

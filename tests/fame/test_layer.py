@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gavamoe.fame import reference
 from gavamoe.fame.model import FameLayer, SeqRec, SeqRecConfig, attention_mask
@@ -85,3 +86,36 @@ def test_model_scores_are_log_probabilities_and_padding_does_not_leak(head_mix):
     torch.testing.assert_close(model.log_probs(ids[:1])[0, 3:], model.log_probs(ids[:1, 3:])[0])
     sasrec = SeqRec(SeqRecConfig(30, "sasrec", dim=16, num_heads=2, max_len=8, dropout=0.0)).eval()
     assert sasrec.log_probs(ids, last_only=True).shape == (2, 30)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+@pytest.mark.parametrize("model_name, head_mix", [("fame", "logits"), ("fame", "probs"), ("sasrec", "logits")])
+def test_scoring_only_the_target_positions_equals_scoring_all_then_selecting(model_name, head_mix, groups,
+                                                                             monkeypatch):
+    """Training scores only the positions with a target (``where``) and evaluation only the last
+    one, each running rows grouped by their padding without it (``hidden_at``): the same scores,
+    gradients, head gate and expert weights as the full computation at those positions."""
+    monkeypatch.setattr(SeqRec, "GROUPS", groups)
+    torch.manual_seed(1)
+    model = SeqRec(SeqRecConfig(23, model_name, dim=12, num_heads=3, num_experts=2, head_mix=head_mix, max_len=9,
+                                dropout=0.0))  # float32: gk.route takes no float64
+    ids = torch.tensor([[0, 0, 0, 0, 0, 0, 4, 7, 9], [0, 1, 2, 3, 4, 7, 9, 2, 6], [0, 0, 0, 0, 5, 5, 1, 22, 3],
+                        [0, 0, 0, 0, 0, 0, 0, 0, 8]])
+    where = ids != 0
+    where[1, 3] = False
+    targets = torch.randint(1, 24, (int(where.sum()),))
+    full = model.log_probs(ids)
+    heads, experts = model.head_weights, model.expert_weights
+    picked = model.log_probs(ids, where=where)
+    torch.testing.assert_close(picked, full[where], rtol=1e-5, atol=1e-6)
+    if model_name == "fame":
+        torch.testing.assert_close(model.head_weights, heads[where], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.expert_weights, experts[where], rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(F.nll_loss(out, targets - 1), list(model.parameters()), allow_unused=True)
+             for out in (full[where], picked)]
+    for name, (a, b) in zip([n for n, _ in model.named_parameters()], zip(*grads, strict=True), strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model.log_probs(ids, last_only=True), full[:, -1], rtol=1e-5, atol=1e-6)
