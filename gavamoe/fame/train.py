@@ -105,6 +105,8 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
             rows = order[s:s + config.batch_size]
             inputs, targets = train_split.inputs[rows].to(device), train_split.targets[rows].to(device)
             keep = targets != 0
+            if not keep.any():  # users with 3 items have no training target: nll_loss of nothing is NaN
+                continue
             loss = F.nll_loss(model.log_probs(inputs, where=keep), targets[keep] - 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

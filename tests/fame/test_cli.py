@@ -4,6 +4,7 @@ input as one line with exit status 2 before any training."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -76,6 +77,20 @@ def test_inter_file_run(tmp_path):
     assert metrics["users"] == 40 and metrics["items"] == 23
     assert "head_gate_nmi" not in metrics and "oracle" not in metrics  # no planted truth in a file
     assert metrics["config"]["data"] == str(path.resolve())
+
+
+def test_a_batch_without_a_training_target_is_skipped_not_a_nan(tmp_path):
+    """A user with 3 items keeps all 3 for input, validation and test, and has no training target;
+    a batch of only such users would make the loss NaN and every weight with it."""
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines += [f"u{u}\ti{(u * 5 + t) % 17}\t{t}" for u in range(12) for t in range(3 if u % 3 else 6)]
+    path = tmp_path / "short.inter"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--data", str(path), "--dim", "16", "--epochs", "2", "--batch-size", "1",
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in metrics["history"]), metrics["history"]
 
 
 @pytest.mark.parametrize(("flags", "message"), [
