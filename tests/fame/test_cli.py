@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,12 @@ from gavamoe.fame.__main__ import main
 TINY = ["--synthetic-users", "120", "--synthetic-items", "40", "--synthetic-length", "8", "--dim", "16",
         "--epochs", "2", "--batch-size", "32", "--device", "cpu"]
 KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20"}
+
+
+def _inter(path: Path, header: list[str], rows) -> Path:
+    """A RecBole atomic .inter file: the typed header and one tab-separated line per row."""
+    path.write_text("\n".join("\t".join(map(str, row)) for row in [header, *rows]) + "\n")
+    return path
 
 
 @pytest.mark.parametrize("model", ["fame", "sasrec"])
@@ -56,21 +63,17 @@ def test_a_model_not_above_popularity_is_a_warning(tmp_path):
     """Every user's validation target is the item most counted in training, so popularity ranks it
     first; one epoch at a rate too small to learn anything leaves the model below that, and the
     command says so (the file defaults did this to SASRec on MovieLens-100K, the README)."""
-    lines = ["user_id:token\titem_id:token"]
-    for u in range(40):
-        lines += [f"u{u}\t{item}" for item in (f"i{(u * 7) % 23}", "hot", f"i{(u * 7 + 1) % 23}", "hot", "hot")]
-    path = tmp_path / "hot.inter"
-    path.write_text("\n".join(lines) + "\n")
+    rows = [(f"u{u}", item) for u in range(40)
+            for item in (f"i{(u * 7) % 23}", "hot", f"i{(u * 7 + 1) % 23}", "hot", "hot")]
+    path = _inter(tmp_path / "hot.inter", ["user_id:token", "item_id:token"], rows)
     with pytest.warns(RuntimeWarning, match="not above the popularity baseline's 1.0000"):
         main(["--out", str(tmp_path / "run"), "--data", str(path), "--dim", "16", "--epochs", "1", "--lr", "1e-9",
               "--device", "cpu"])
 
 
 def test_inter_file_run(tmp_path):
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
-    lines += [f"u{u}\ti{(u * 7 + t) % 23}\t{t}" for u in range(40) for t in range(6)]
-    path = tmp_path / "toy.inter"
-    path.write_text("\n".join(lines) + "\n")
+    rows = [(f"u{u}", f"i{(u * 7 + t) % 23}", t) for u in range(40) for t in range(6)]
+    path = _inter(tmp_path / "toy.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
     out = tmp_path / "run"
     assert main(["--out", str(out), "--data", str(path), "--dim", "16", "--epochs", "1", "--device", "cpu"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -82,10 +85,8 @@ def test_inter_file_run(tmp_path):
 def test_a_batch_without_a_training_target_is_skipped_not_a_nan(tmp_path):
     """A user with 3 items keeps all 3 for input, validation and test, and has no training target;
     a batch of only such users would make the loss NaN and every weight with it."""
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
-    lines += [f"u{u}\ti{(u * 5 + t) % 17}\t{t}" for u in range(12) for t in range(3 if u % 3 else 6)]
-    path = tmp_path / "short.inter"
-    path.write_text("\n".join(lines) + "\n")
+    rows = [(f"u{u}", f"i{(u * 5 + t) % 17}", t) for u in range(12) for t in range(3 if u % 3 else 6)]
+    path = _inter(tmp_path / "short.inter", ["user_id:token", "item_id:token", "timestamp:float"], rows)
     out = tmp_path / "run"
     assert main(["--out", str(out), "--data", str(path), "--dim", "16", "--epochs", "2", "--batch-size", "1",
                  "--device", "cpu"]) == 0
