@@ -226,7 +226,7 @@ class SeqRec(nn.Module):
             picked.append(h[keep])
             at.append(index[rows, S - w:][keep])
             if self.fame is not None:
-                experts.append(self.fame.expert_weights[keep])
+                experts.append(self.expert_weights[keep])  # hidden() set them for this group
         back = torch.argsort(torch.cat(at))
         if self.fame is not None:
             self.expert_weights = torch.cat(experts)[back]
