@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import ReviewData
 from .data import text as text_data
 from .errors import CliParser, UserInputError, check_device, run_cli
 from .models.explainer import Explainer, load_tokenizer
+from .progress import Progress
 from .runs import Run
 
 
@@ -52,7 +52,7 @@ def generate_split(model: Explainer, tokenizer, records: list[dict], batch_size:
     device = next(model.parameters()).device
     split = text_data.encode(records, tokenizer, max_explanation_tokens, sentiment, clusters)
     texts, routed = [], []
-    for s in tqdm(range(0, len(split), batch_size), desc="generate", disable=None, mininterval=0.5):
+    for s in Progress(range(0, len(split), batch_size), desc="generate"):
         batch = text_data.prompt_batch(split, list(range(s, min(s + batch_size, len(split)))), tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         cluster = model.routed_clusters(batch["users"], batch["items"], batch.pop("clusters", None))

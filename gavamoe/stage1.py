@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 import gavamoe_kernels as gk
 
@@ -27,6 +26,7 @@ from .errors import UserInputError, check_at_least_one, check_device
 from .metrics import adjusted_rand_index, mae, rmse, user_majority_ari
 from .models import VaeGmm, VaeGmmConfig
 from .models.vae_gmm import USER_CODES, group_by_user
+from .progress import Progress
 
 
 @dataclass
@@ -142,8 +142,7 @@ def _run_epochs(model, loader, epochs, loss_fn, desc, lr, weight_decay, device, 
     losses = []
     model.train()
     for epoch in range(epochs):
-        # disable=None: a bar on a terminal, silence in logs
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False, disable=None, mininterval=0.5)
+        bar = Progress(loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False)
         for users, items, ratings in bar:
             loss = loss_fn(users.to(device), items.to(device), ratings.to(device), epoch)
             optimizer.zero_grad(set_to_none=True)

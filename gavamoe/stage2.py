@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import memory, plots, scaling
 from .data import ReviewData
@@ -45,6 +44,7 @@ from .data import text as text_data
 from .errors import UserInputError, check_at_least_one, check_device
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
+from .progress import Progress
 from .runs import Run
 
 
@@ -371,8 +371,7 @@ def _loop(t: _Training) -> bool:
     """Train to the end (True), or stop after ``stop_after`` optimizer steps (False, checkpoint written)."""
     config, ctx, state = t.config, t.ctx, t.state
     losses = dict(alpha=config.alpha, beta=config.beta, aux_coef=config.aux_coef)
-    bar = tqdm(total=t.total_steps, initial=state["step"], desc="stage 2", disable=None if ctx.main else True,
-               mininterval=0.5)
+    bar = Progress(total=t.total_steps, initial=state["step"], desc="stage 2", quiet=not ctx.main)
     steps_this_call, started = 0, time.perf_counter()
     t.model.train()
     for epoch in range(state["epoch"], config.epochs):
@@ -398,8 +397,8 @@ def _loop(t: _Training) -> bool:
             steps_this_call += 1
             rate = tokens / (time.perf_counter() - t0)
             state["history"].append({**sums, "lr": t.scheduler.get_last_lr()[0], "tokens_per_s": rate})
-            bar.update(1)
             bar.set_postfix(loss=f"{sums['loss']:.3f}", nll=f"{sums['nll']:.3f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
             done = state["micro_step"] >= len(batches)
             if done:
                 state["epoch"], state["micro_step"] = epoch + 1, 0

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import gavamoe_kernels as gk
 
 from ..data.text import left_pad, train_tokenizer
 from ..errors import UserInputError, check_at_least_one
 from ..models.explainer import ExplainerConfig, add_lora, tiny_llama
+from ..progress import Progress
 from . import prompts
 from .data import CtrData
 
@@ -138,7 +138,7 @@ class ExplanationLM:
         losses = []
         self.model.train()
         steps = self.config.warmup_epochs * -(-len(pairs) // self.config.batch_size)
-        bar = tqdm(total=steps, desc="warm-up", disable=None, mininterval=0.5)
+        bar = Progress(total=steps, desc="warm-up")
         for _ in range(self.config.warmup_epochs):
             order = rng.permutation(pairs)
             for s in range(0, len(order), self.config.batch_size):
@@ -164,8 +164,8 @@ class ExplanationLM:
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-                bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update()
         bar.close()
         self.model.eval()
         return losses
@@ -192,7 +192,7 @@ class ExplanationLM:
     def explain(self, data: CtrData, pairs: np.ndarray, batch_size: int = 256, desc: str = "explaining") -> list[str]:
         """Greedy explanations of ``pairs``."""
         texts = []
-        for s in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=None, mininterval=0.5, leave=False):
+        for s in Progress(range(0, len(pairs), batch_size), desc=desc, leave=False):
             texts += self.decode(self.sample(data, pairs[s:s + batch_size].tolist(), greedy=True))
         return texts
 

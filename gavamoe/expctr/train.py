@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import gavamoe_kernels as gk
 
 from ..errors import UserInputError, check_at_least_one, check_device
+from ..progress import Progress
 from . import ctr, prompts, rl
 from .data import CtrData
 from .encoder import SentenceEncoder
@@ -152,7 +152,7 @@ class _Rl:
         Returns the mean reward of each step."""
         c, lm = self.config, self.lm
         means = []
-        bar = tqdm(range(c.steps), desc=desc, disable=None, mininterval=0.5)
+        bar = Progress(range(c.steps), desc=desc)
         for _ in bar:
             pairs = self.rng.choice(train, size=min(c.batch_pairs, len(train)), replace=False).tolist()
             lm.model.eval()

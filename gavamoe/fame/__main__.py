@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         data = read_inter(args.data)
     model_config = SeqRecConfig(data.num_items, args.model, args.dim, args.num_layers, args.num_heads,
                                 args.num_experts, args.top_k, args.head_mix, args.max_len, args.dropout)
-    metrics = train(data, model_config, config, args.out)
+    metrics = train(data, model_config, config, args.out, list(sys.argv[1:] if argv is None else argv))
     summary = {k: metrics[k] for k in ("model", "test", "validation", "best_epoch", "popularity")}
     if "head_gate_nmi" in metrics:
         summary["head_gate_nmi"] = metrics["head_gate_nmi"]

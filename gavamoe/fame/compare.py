@@ -6,6 +6,9 @@ DIR/<model>-seed<s>/ for every run and DIR/comparison.json and DIR/comparison.md
 metrics' mean and standard deviation over seeds, the popularity baseline, and, on the synthetic
 data, the planted-truth ranker (the ceiling) and the normalised mutual information between the
 head gate's choice and the planted facet.
+
+A comparison cut short (a time limit, a lost machine) resumes: the same command again reuses every
+run that finished with the same flags (its RUN/metrics.json records them) and trains the rest.
 """
 
 from __future__ import annotations
@@ -36,8 +39,14 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for name, flags in VARIANTS.items():
             out = args.out / f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            fame_cli.main(["--out", str(out), "--seed", str(seed), *flags, *rest])
-            runs[name].append(json.loads((out / "metrics.json").read_text()))
+            argv = ["--out", str(out), "--seed", str(seed), *flags, *rest]
+            metrics = _finished(out, argv)
+            if metrics is None:
+                fame_cli.main(argv)
+                metrics = json.loads((out / "metrics.json").read_text())
+            else:
+                print(f"{out}: finished earlier with the same flags, reused", file=sys.stderr)
+            runs[name].append(metrics)
     summary = {name: _summary(metrics) for name, metrics in runs.items()}
     summary["popularity"] = _summary([{"test": m["popularity"]["test"]} for m in runs["sasrec"]])
     if "oracle" in runs["sasrec"][0]:
@@ -46,6 +55,15 @@ def main(argv=None) -> int:
     (args.out / "comparison.md").write_text(_table(summary, args.seeds))
     print(_table(summary, args.seeds))
     return 0
+
+
+def _finished(out: Path, argv: list[str]) -> dict | None:
+    """The metrics of the run in ``out`` if it finished with exactly these flags, else None."""
+    path = out / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics["config"].get("command") == argv else None
 
 
 def _summary(metrics: list[dict]) -> dict:

@@ -38,6 +38,7 @@ class Sequences:
     user_liked: np.ndarray | None = None  # (users, 2) the two values of that facet the user likes
     stick: float = 0.8  # how often the next liked value is the previous item's (planted_facets)
     source: str = "synthetic"
+    synthetic: dict | None = None  # planted_facets' parameters, for the run's config
     dropped_users: int = 0
     item_names: list[str] = field(default_factory=list)
 
@@ -120,8 +121,10 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
                 current = liked[1] if current == liked[0] else liked[0]
         sequences.append(seq)
     padded = np.vstack([np.full((1, num_facets), -1), facets])
+    parameters = dict(num_users=num_users, num_items=num_items, num_facets=num_facets, values=values, length=length,
+                      stick=stick, noise=noise, seed=seed)
     return Sequences(num_items, [str(u) for u in range(num_users)], sequences, padded, user_facet,
-                     np.array(user_liked).reshape(num_users, 2), stick)
+                     np.array(user_liked).reshape(num_users, 2), stick, synthetic=parameters)
 
 
 @dataclass

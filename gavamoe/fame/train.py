@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -19,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import plots
 from ..errors import UserInputError, check_at_least_one, check_device
+from ..progress import Progress
 from .data import Sequences, Split, leave_one_out, planted_oracle_scores
 from .metrics import normalized_mutual_information as nmi
 from .metrics import ranking_metrics, target_ranks
 from .model import SeqRec, SeqRecConfig
-
-REPORT_SECONDS = 60  # without a terminal (no progress bar), a line on stderr at most this often
 
 
 @dataclass
@@ -86,8 +83,10 @@ def oracle(data: Sequences, splits: dict[str, Split], seed: int) -> dict[str, di
             for name in ("validation", "test")}
 
 
-def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out: Path | None = None) -> dict:
-    """Train with early stopping; return (and with ``out`` write) the metrics."""
+def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out: Path | None = None,
+          command: list[str] | None = None) -> dict:
+    """Train with early stopping; return (and with ``out`` write) the metrics. ``command``, the flags
+    of the command line, goes into the config (``compare`` reuses a run finished with the same ones)."""
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     splits = leave_one_out(data, model_config.max_len)
@@ -96,8 +95,8 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
     train_split = splits["train"]
     generator = torch.Generator().manual_seed(config.seed)
     best, best_state, best_epoch, losses, history = -1.0, None, 0, [], []
-    started = reported = time.perf_counter()
-    bar = tqdm(range(config.epochs), desc=f"{model_config.model}", disable=None, mininterval=0.5)
+    started = time.perf_counter()
+    bar = Progress(range(config.epochs), desc=model_config.model)
     for epoch in bar:
         order = torch.randperm(len(train_split.inputs), generator=generator)
         total, count = 0.0, 0
@@ -116,16 +115,12 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
             total, count = total + value * n, count + n
         validation, _ = evaluate(model, splits["validation"], 1024, device)
         history.append({"epoch": epoch + 1, "loss": total / max(count, 1), **validation})
-        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", ndcg10=f"{validation['ndcg@10']:.4f}")
         if validation["ndcg@10"] > best:
             best, best_state, best_epoch = validation["ndcg@10"], copy.deepcopy(model.state_dict()), epoch + 1
-        elif epoch + 1 - best_epoch >= config.patience:
+        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val_ndcg10=f"{validation['ndcg@10']:.4f}",
+                        best=f"{best:.4f} (epoch {best_epoch})")
+        if epoch + 1 - best_epoch >= config.patience:
             break
-        if bar.disable and time.perf_counter() - reported >= REPORT_SECONDS:  # no terminal: a line now and then
-            reported = time.perf_counter()
-            print(f"{model_config.model} epoch {epoch + 1}: loss {history[-1]['loss']:.3f}, validation NDCG@10 "
-                  f"{validation['ndcg@10']:.4f} (best {best:.4f}, epoch {best_epoch}), {reported - started:.0f} s",
-                  file=sys.stderr, flush=True)
     bar.close()
     model.load_state_dict(best_state)
     validation, _ = evaluate(model, splits["validation"], 1024, device)
@@ -135,6 +130,10 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
                "popularity": popularity(data, splits), "history": history,
                "users": len(data), "items": data.num_items, "dropped_users": data.dropped_users,
                "config": {"model": asdict(model_config), "train": asdict(config), "data": data.source}}
+    if data.synthetic is not None:
+        metrics["config"]["synthetic"] = data.synthetic
+    if command is not None:
+        metrics["config"]["command"] = command
     floor = metrics["popularity"]["validation"]["ndcg@10"]
     if validation["ndcg@10"] <= floor:
         warnings.warn(f"{model_config.model} ends at validation NDCG@10 {validation['ndcg@10']:.4f}, not above the "
@@ -153,7 +152,6 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
 def _write(out: Path, model: SeqRec, metrics: dict, losses: list[float], weights: dict[str, torch.Tensor],
            data: Sequences) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "config.json").write_text(json.dumps(metrics["config"], indent=2))
     torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, out / "model.pt")
     plots.loss_curves({"training cross-entropy": losses}, out / "loss_curve.png", f"{metrics['model']}: loss")
@@ -164,3 +162,4 @@ def _write(out: Path, model: SeqRec, metrics: dict, losses: list[float], weights
             by_facet = torch.stack([gates[facets == f].mean(0) if (facets == f).any() else torch.zeros(gates.shape[1])
                                     for f in range(int(facets.max()) + 1)])
         plots.gate_weights(gates.mean(0), by_facet, weights["experts"].mean(0), out / "gates.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: its presence means the run is whole

@@ -33,6 +33,9 @@ def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
     assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
     assert all(0 <= v <= 1 for v in metrics["test"].values())
     assert metrics["config"]["model"]["model"] == model
+    assert metrics["config"]["command"] == ["--out", str(out), "--model", model, *TINY]
+    assert metrics["config"]["synthetic"] == dict(num_users=120, num_items=40, num_facets=2, values=4, length=8,
+                                                  stick=0.8, noise=0.1, seed=0)
     assert (out / "loss_curve.png").stat().st_size > 0
     assert ((out / "gates.png").exists()) == (model == "fame")
     assert ("head_gate_nmi" in metrics) == (model == "fame")
@@ -40,11 +43,11 @@ def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
 
 def test_without_a_terminal_training_reports_its_epochs_on_stderr(tmp_path, capsys, monkeypatch):
     """Under nohup or in a log there is no progress bar; a line per REPORT_SECONDS stands in for it."""
-    monkeypatch.setattr("gavamoe.fame.train.REPORT_SECONDS", 0)
+    monkeypatch.setattr("gavamoe.progress.REPORT_SECONDS", 0)
     assert main(["--out", str(tmp_path / "run"), *TINY]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fame epoch")]
-    assert [line.split(":")[0] for line in lines] == ["fame epoch 1", "fame epoch 2"], lines
-    assert "validation NDCG@10" in lines[0]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fame: ")]
+    assert [line.split(",")[0] for line in lines] == ["fame: 1/2", "fame: 2/2"], lines
+    assert "loss=" in lines[0] and "val_ndcg10=" in lines[0] and "best=" in lines[0]
 
 
 @pytest.mark.slow
@@ -79,7 +82,7 @@ def test_inter_file_run(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["users"] == 40 and metrics["items"] == 23
     assert "head_gate_nmi" not in metrics and "oracle" not in metrics  # no planted truth in a file
-    assert metrics["config"]["data"] == str(path.resolve())
+    assert metrics["config"]["data"] == str(path.resolve()) and "synthetic" not in metrics["config"]
 
 
 def test_a_batch_without_a_training_target_is_skipped_not_a_nan(tmp_path):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
 from gavamoe.errors import run_cli
+from gavamoe.fame import compare
 from gavamoe.fame.compare import main
 
 TINY = ["--synthetic-users", "150", "--synthetic-items", "30", "--synthetic-length", "8", "--dim", "16",
@@ -29,6 +31,26 @@ def test_comparison_summarises_every_run(tmp_path):
     assert "head_gate_nmi" in summary["fame"] and "head_gate_nmi" not in summary["sasrec"]
     table = (tmp_path / "comparison.md").read_text()
     assert table.count("\n| ") == 6  # header and five rows
+
+
+@pytest.mark.slow
+def test_the_same_command_again_reuses_the_runs_finished_with_the_same_flags(tmp_path, monkeypatch):
+    """A comparison cut short resumes: only the runs without metrics, or with other flags, train again."""
+    argv = ["--out", str(tmp_path), "--seeds", "2", *TINY]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "comparison.json").read_text())
+    (tmp_path / "sasrec-seed1" / "metrics.json").unlink()  # cut short during this run
+    other = tmp_path / "fame-seed0" / "metrics.json"  # a run of an earlier command with other flags
+    metrics = json.loads(other.read_text())
+    metrics["config"]["command"] += ["--dropout", "0.1"]
+    metrics["test"]["ndcg@10"] = -1.0
+    other.write_text(json.dumps(metrics))
+    trained = []
+    train = compare.fame_cli.main
+    monkeypatch.setattr(compare.fame_cli, "main", lambda a: trained.append(Path(a[1]).name) or train(a))
+    assert main(argv) == 0
+    assert sorted(trained) == ["fame-seed0", "sasrec-seed1"]
+    assert json.loads((tmp_path / "comparison.json").read_text()) == first  # the same seeds train the same
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -185,3 +185,14 @@ def test_the_papers_user_embedding_still_trains(tmp_path):
     assert metrics["config"]["user_code"] == "embedding" and metrics["ari_users"] >= 0.9
     model = VaeGmm.from_checkpoint(torch.load(tmp_path / "stage1" / "model.pt", weights_only=True))
     assert model.config.user_code == "embedding" and not hasattr(model, "history_rows")
+
+
+def test_without_a_terminal_stage1_reports_its_batches_on_stderr(tmp_path, capsys, monkeypatch):
+    """Under nohup or in a log there is no progress bar; a line per REPORT_SECONDS stands in for it."""
+    monkeypatch.setattr("gavamoe.progress.REPORT_SECONDS", 0)
+    tiny = ["--synthetic-users", "60", "--synthetic-items", "40", "--synthetic-records", "600", "--pretrain-epochs",
+            "1", "--epochs", "2", "--embed-dim", "16", "--latent-dim", "4", "--device", "cpu"]
+    assert main(["--out", str(tmp_path), "--stage", "1", *tiny]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    starts = {line.split(":")[0] for line in lines if "loss=" in line}
+    assert starts == {"pretrain 1/1", "elbo 1/2", "elbo 2/2"}, lines
