@@ -1,5 +1,5 @@
-"""Figures of a run: loss curves, the latent space coloured by cluster, FAME's gate weights,
-ExpCTR's rewards."""
+"""Figures of a run: loss curves, the latent space coloured by cluster, FAME's gate weights and
+seed spread, ExpCTR's rewards."""
 
 from __future__ import annotations
 
@@ -91,6 +91,25 @@ def reward_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
         ax.set_ylabel("mean reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def seed_spread(summary: dict[str, dict], metrics: tuple[str, ...], path: Path, title: str) -> None:
+    """One panel per metric: each model's value on every seed (dots) and their mean ± std (bar), so
+    that a gap between models can be read against the spread over seeds. ``summary[model][metric]``
+    holds ``values``, ``mean`` and ``std``."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for x, name in enumerate(summary):
+            s = summary[name][metric]
+            ax.errorbar(x, s["mean"], yerr=s["std"], fmt="_", markersize=18, capsize=6, color="k", lw=1)
+            ax.scatter([x + 0.15] * len(s["values"]), s["values"], s=14, alpha=0.7, zorder=3)
+        ax.set_xticks(range(len(summary)), list(summary), rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,7 +5,8 @@ and initialisation), under the identical protocol of ``python -m gavamoe.fame``;
 DIR/<model>-seed<s>/ for every run and DIR/comparison.json and DIR/comparison.md: the test
 metrics' mean and standard deviation over seeds, the popularity baseline, and, on the synthetic
 data, the planted-truth ranker (the ceiling) and the normalised mutual information between the
-head gate's choice and the planted facet.
+head gate's choice and the planted facet. DIR/comparison.png shows every seed's NDCG@10 and HR@10
+against the mean ± std.
 
 A comparison cut short (a time limit, a lost machine) resumes: the same command again reuses every
 run that finished with the same flags (its RUN/metrics.json records them) and trains the rest.
@@ -18,6 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .. import plots
 from ..errors import CliParser, UserInputError, run_cli
 from . import __main__ as fame_cli
 
@@ -53,6 +55,8 @@ def main(argv=None) -> int:
         summary["oracle (planted truth)"] = _summary([{"test": m["oracle"]["test"]} for m in runs["sasrec"]])
     (args.out / "comparison.json").write_text(json.dumps(summary, indent=2))
     (args.out / "comparison.md").write_text(_table(summary, args.seeds))
+    plots.seed_spread(summary, ("ndcg@10", "hr@10"), args.out / "comparison.png",
+                      f"test metrics over {args.seeds} seeds: each seed, mean ± std")
     print(_table(summary, args.seeds))
     return 0
 

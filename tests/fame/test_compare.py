@@ -31,6 +31,7 @@ def test_comparison_summarises_every_run(tmp_path):
     assert "head_gate_nmi" in summary["fame"] and "head_gate_nmi" not in summary["sasrec"]
     table = (tmp_path / "comparison.md").read_text()
     assert table.count("\n| ") == 6  # header and five rows
+    assert (tmp_path / "comparison.png").stat().st_size > 0
 
 
 @pytest.mark.slow
