@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for name, flags in VARIANTS.items():
             out = args.out / f"{name.replace(', ', '-').replace(' ', '')}-seed{seed}"
-            argv = ["--out", str(out), "--seed", str(seed), *flags, *rest]
-            metrics = _finished(out, argv)
+            command = ["--out", str(out), "--seed", str(seed), *flags, *rest]
+            metrics = _finished(out, command)
             if metrics is None:
-                fame_cli.main(argv)
+                fame_cli.main(command)
                 metrics = json.loads((out / "metrics.json").read_text())
             else:
                 print(f"{out}: finished earlier with the same flags, reused", file=sys.stderr)
@@ -61,13 +61,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _finished(out: Path, argv: list[str]) -> dict | None:
+def _finished(out: Path, command: list[str]) -> dict | None:
     """The metrics of the run in ``out`` if it finished with exactly these flags, else None."""
     path = out / "metrics.json"
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
-    return metrics if metrics["config"].get("command") == argv else None
+    return metrics if metrics["config"].get("command") == command else None
 
 
 def _summary(metrics: list[dict]) -> dict:
