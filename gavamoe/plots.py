@@ -50,10 +50,12 @@ def latent_space(z: torch.Tensor, clusters: torch.Tensor, path: Path, title: str
 
 
 def gate_weights(head_mean: torch.Tensor, head_by_facet: torch.Tensor | None, experts: torch.Tensor,
-                 path: Path) -> None:
+                 entropies: dict[str, torch.Tensor], path: Path) -> None:
     """FAME's gates: the head gate's mean weight per head (by planted facet when known: facets x
-    heads), and each head's mean expert weights (heads x experts)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    heads), each head's mean expert weights (heads x experts), and, since a mean of 1/N hides
+    whether each user's weights are sharp or uniform, the spread over users of each gate's
+    normalised entropy (name -> (n,) in [0, 1])."""
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 3.8))
     if head_by_facet is not None:
         image = left.imshow(head_by_facet.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
         left.set_ylabel("planted facet of the user")
@@ -65,13 +67,20 @@ def gate_weights(head_mean: torch.Tensor, head_by_facet: torch.Tensor | None, ex
     left.set_xlabel("head")
     left.set_xticks(range(len(head_mean)))
     left.set_title("head gate (test users, last position)")
-    image = right.imshow(experts.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    right.set_xlabel("expert")
-    right.set_ylabel("head")
-    right.set_xticks(range(experts.shape[1]))
-    right.set_yticks(range(experts.shape[0]))
-    right.set_title("expert weights per head (mean)")
-    fig.colorbar(image, ax=right)
+    image = middle.imshow(experts.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    middle.set_xlabel("expert")
+    middle.set_ylabel("head")
+    middle.set_xticks(range(experts.shape[1]))
+    middle.set_yticks(range(experts.shape[0]))
+    middle.set_title("expert weights per head (mean)")
+    fig.colorbar(image, ax=middle)
+    bins = [i / 40 for i in range(41)]
+    for name, values in entropies.items():
+        right.hist(values.numpy(), bins=bins, histtype="step", lw=1.2, label=name)
+    right.set_xlabel("normalised entropy per user (0 one-hot, 1 uniform)")
+    right.set_ylabel("users")
+    right.set_title("how sharply each gate chooses")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

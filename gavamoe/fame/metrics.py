@@ -1,4 +1,5 @@
-"""Full-ranking metrics of next-item prediction, and the mutual information of two labelings.
+"""Full-ranking metrics of next-item prediction, the mutual information of two labelings, and how
+sharply FAME's gates choose.
 
 rank = the number of items scored above the target plus the number tied with it (pessimistic:
 a model that scores every item alike ranks every target last, not first); no item is excluded
@@ -51,3 +52,22 @@ def normalized_mutual_information(a, b) -> float:
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
     ha, hb = -float((pa * np.log(pa)).sum()), -float((pb * np.log(pb)).sum())
     return 0.0 if ha <= 0 or hb <= 0 else mi / math.sqrt(ha * hb)
+
+
+def normalized_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """The entropy of each distribution over the last axis divided by its maximum, ln(size): 1 for
+    uniform weights (no choice made), 0 for one-hot ones. A last axis of size 1 gives 0."""
+    size = weights.shape[-1]
+    if size == 1:
+        return torch.zeros(weights.shape[:-1], dtype=weights.dtype)
+    p = weights.double()
+    return (-(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(size)).to(weights.dtype)
+
+
+def gate_sharpness(heads: torch.Tensor, experts: torch.Tensor) -> dict:
+    """How sharply FAME's gates choose, over n positions: the head gate (n, H) and each head's
+    router (n, H, N). For each, the mean normalised entropy (1 = uniform) and the mean largest
+    weight (1/size = uniform, 1 = one-hot)."""
+    def summary(w: torch.Tensor) -> dict[str, float]:
+        return {"entropy": float(normalized_entropy(w).mean()), "max_weight": float(w.max(-1).values.mean())}
+    return {"head_gate": summary(heads), "experts": [summary(experts[:, h]) for h in range(experts.shape[1])]}

@@ -3,7 +3,8 @@ training sequences, Adam, early stopping on validation NDCG@10, full-ranking HR/
 best epoch's weights; a popularity baseline for scale.
 
 Writes RUN/{metrics.json, config.json, model.pt, loss_curve.png} and, for FAME, gates.png (the
-head gate by planted facet on synthetic data, and each head's expert weights).
+head gate by planted facet on synthetic data, each head's expert weights, and how sharply each
+gate chooses per user).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from .. import plots
 from ..errors import UserInputError, check_at_least_one, check_device
 from ..progress import Progress
 from .data import Sequences, Split, leave_one_out, planted_oracle_scores
+from .metrics import gate_sharpness, normalized_entropy, ranking_metrics, target_ranks
 from .metrics import normalized_mutual_information as nmi
-from .metrics import ranking_metrics, target_ranks
 from .model import SeqRec, SeqRecConfig
 
 
@@ -142,6 +143,8 @@ def train(data: Sequences, model_config: SeqRecConfig, config: TrainConfig, out:
                       RuntimeWarning, stacklevel=2)
     if data.user_liked is not None:
         metrics["oracle"] = oracle(data, splits, config.seed)
+    if weights:
+        metrics["gate_sharpness"] = gate_sharpness(weights["heads"], weights["experts"])
     if weights and data.user_facet is not None:
         metrics["head_gate_nmi"] = nmi(weights["heads"].argmax(1).numpy(), data.user_facet)
     if out is not None:
@@ -156,10 +159,18 @@ def _write(out: Path, model: SeqRec, metrics: dict, losses: list[float], weights
     torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, out / "model.pt")
     plots.loss_curves({"training cross-entropy": losses}, out / "loss_curve.png", f"{metrics['model']}: loss")
     if weights:  # FAME: the test users' weights at the last position
-        gates, by_facet = weights["heads"], None
-        if data.user_facet is not None:
-            facets = np.asarray(data.user_facet)
-            by_facet = torch.stack([gates[facets == f].mean(0) if (facets == f).any() else torch.zeros(gates.shape[1])
-                                    for f in range(int(facets.max()) + 1)])
-        plots.gate_weights(gates.mean(0), by_facet, weights["experts"].mean(0), out / "gates.png")
+        plot_gates(weights, data, out / "gates.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: its presence means the run is whole
+
+
+def plot_gates(weights: dict[str, torch.Tensor], data: Sequences, path: Path) -> None:
+    """gates.png from the test users' weights (``evaluate``): the head gate, by planted facet when
+    the data has one, each head's mean expert weights, and each gate's per-user entropy."""
+    gates, experts, by_facet = weights["heads"], weights["experts"], None
+    if data.user_facet is not None:
+        facets = np.asarray(data.user_facet)
+        by_facet = torch.stack([gates[facets == f].mean(0) if (facets == f).any() else torch.zeros(gates.shape[1])
+                                for f in range(int(facets.max()) + 1)])
+    entropies = {"head gate": normalized_entropy(gates),
+                 **{f"head {h}'s experts": normalized_entropy(experts[:, h]) for h in range(experts.shape[1])}}
+    plots.gate_weights(gates.mean(0), by_facet, experts.mean(0), entropies, path)

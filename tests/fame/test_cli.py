@@ -38,6 +38,12 @@ def test_synthetic_run_writes_the_contracted_files(tmp_path, model):
                                                   stick=0.8, noise=0.1, seed=0)
     assert (out / "loss_curve.png").stat().st_size > 0
     assert ((out / "gates.png").exists()) == (model == "fame")
+    assert ("gate_sharpness" in metrics) == (model == "fame")
+    if model == "fame":  # the default 2 heads of 4 experts; each figure between one-hot and uniform
+        sharpness = metrics["gate_sharpness"]
+        assert len(sharpness["experts"]) == 2
+        for gate, size in [(sharpness["head_gate"], 2)] + [(e, 4) for e in sharpness["experts"]]:
+            assert 0 <= gate["entropy"] <= 1 and 1 / size - 1e-6 <= gate["max_weight"] <= 1 + 1e-6
     assert ("head_gate_nmi" in metrics) == (model == "fame")
 
 

@@ -10,7 +10,13 @@ import torch
 
 from gavamoe.errors import UserInputError
 from gavamoe.fame.data import Sequences, Split, leave_one_out, planted_facets, planted_oracle_scores, read_inter
-from gavamoe.fame.metrics import normalized_mutual_information, ranking_metrics, target_ranks
+from gavamoe.fame.metrics import (
+    gate_sharpness,
+    normalized_entropy,
+    normalized_mutual_information,
+    ranking_metrics,
+    target_ranks,
+)
 from gavamoe.fame.train import oracle, popularity
 
 INTER = """user_id:token\titem_id:token\trating:float\ttimestamp:float
@@ -143,3 +149,17 @@ def test_normalized_mutual_information_by_hand():
     ha, hb = -sum(v * math.log(v) for v in pa.values()), -sum(v * math.log(v) for v in pb.values())
     got = normalized_mutual_information([0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1])
     assert got == pytest.approx(mi / math.sqrt(ha * hb))
+
+
+def test_normalized_entropy_and_gate_sharpness_by_hand():
+    weights = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    assert normalized_entropy(weights).tolist() == pytest.approx([1.0, 0.0, math.log(2) / math.log(4)])
+    assert normalized_entropy(torch.ones(3, 1)).tolist() == [0.0, 0.0, 0.0]  # one expert: nothing to choose
+    heads = torch.tensor([[0.5, 0.5], [0.9, 0.1]])  # 2 positions, 2 heads
+    experts = torch.stack([torch.tensor([[1.0, 0.0], [0.5, 0.5]]),  # head 0 at the 2 positions
+                           torch.tensor([[0.5, 0.5], [0.5, 0.5]])], dim=1)  # head 1: uniform
+    got = gate_sharpness(heads, experts)
+    h09 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)
+    assert got["head_gate"] == pytest.approx({"entropy": (1 + h09) / 2, "max_weight": 0.7})
+    assert got["experts"] == [pytest.approx({"entropy": 0.5, "max_weight": 0.75}),
+                              pytest.approx({"entropy": 1.0, "max_weight": 0.5})]
