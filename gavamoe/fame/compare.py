@@ -5,8 +5,9 @@ and initialisation), under the identical protocol of ``python -m gavamoe.fame``;
 DIR/<model>-seed<s>/ for every run and DIR/comparison.json and DIR/comparison.md: the test
 metrics' mean and standard deviation over seeds, the popularity baseline, and, on the synthetic
 data, the planted-truth ranker (the ceiling) and the normalised mutual information between the
-head gate's choice and the planted facet. DIR/comparison.png shows every seed's NDCG@10 and HR@10
-against the mean ± std.
+head gate's choice and the planted facet; for FAME, how evenly its routers weigh the experts (the
+normalised entropy of ``gate_sharpness``, averaged over heads). DIR/comparison.png shows every
+seed's NDCG@10 and HR@10 against the mean ± std.
 
 A comparison cut short (a time limit, a lost machine) resumes: the same command again reuses every
 run that finished with the same flags (its RUN/metrics.json records them) and trains the rest.
@@ -70,25 +71,38 @@ def _finished(out: Path, command: list[str]) -> dict | None:
     return metrics if metrics["config"].get("command") == command else None
 
 
+def _expert_entropy(metrics: dict) -> float | None:
+    """The experts' routers' normalised entropy (1 = uniform), averaged over the heads."""
+    sharpness = metrics.get("gate_sharpness")  # FAME only; runs made before it existed lack it
+    return None if sharpness is None else statistics.mean(e["entropy"] for e in sharpness["experts"])
+
+
+# shown beside the test metrics for a model whose every run has them: key -> (column, reader)
+EXTRAS = {"head_gate_nmi": ("head gate NMI with the planted facet", lambda m: m.get("head_gate_nmi")),
+          "expert_entropy": ("experts' routing entropy (1 uniform)", _expert_entropy)}
+
+
 def _summary(metrics: list[dict]) -> dict:
     out = {}
     for key in metrics[0]["test"]:
         values = [m["test"][key] for m in metrics]
         out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
-    if "head_gate_nmi" in metrics[0]:
-        values = [m["head_gate_nmi"] for m in metrics]
-        out["head_gate_nmi"] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+    for key, (_, read) in EXTRAS.items():
+        values = [read(m) for m in metrics]
+        if None not in values:
+            out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
     return out
 
 
 def _table(summary: dict, seeds: int) -> str:
+    extras = [key for key in EXTRAS if any(key in s for s in summary.values())]
     lines = [f"test metrics, mean ± std over {seeds} seeds", "",
-             "| model | " + " | ".join(SHOWN) + " | head gate NMI with the planted facet |",
-             "|---|" + "---|" * (len(SHOWN) + 1)]
+             "| model | " + " | ".join([*SHOWN, *(EXTRAS[key][0] for key in extras)]) + " |",
+             "|---|" + "---|" * (len(SHOWN) + len(extras))]
     for name, s in summary.items():
-        nmi = f"{s['head_gate_nmi']['mean']:.3f} ± {s['head_gate_nmi']['std']:.3f}" if "head_gate_nmi" in s else ""
-        lines.append(f"| {name} | " + " | ".join(f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in SHOWN)
-                     + f" | {nmi} |")
+        cells = [f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}" for k in SHOWN]
+        cells += [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if k in s else "" for k in extras]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,11 @@ def test_comparison_summarises_every_run(tmp_path):
         assert summary[name]["ndcg@10"]["std"] == pytest.approx(statistics.stdev(values))
     assert runs[0]["config"]["model"]["num_experts"] == 1
     assert "head_gate_nmi" in summary["fame"] and "head_gate_nmi" not in summary["sasrec"]
+    fame = [json.loads((tmp_path / f"fame-seed{s}" / "metrics.json").read_text()) for s in range(2)]
+    assert summary["fame"]["expert_entropy"]["values"] == pytest.approx(
+        [statistics.mean(e["entropy"] for e in m["gate_sharpness"]["experts"]) for m in fame])
+    assert summary["fame, 1 expert"]["expert_entropy"]["values"] == [0.0, 0.0]  # one expert: no choice
+    assert "expert_entropy" not in summary["sasrec"]
     table = (tmp_path / "comparison.md").read_text()
     assert table.count("\n| ") == 6  # header and five rows
     assert (tmp_path / "comparison.png").stat().st_size > 0
