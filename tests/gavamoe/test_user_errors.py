@@ -24,6 +24,9 @@ TINY_STAGE2 = ["--stage2-batch-size", "32", "--max-explanation-tokens", "12", "-
 
 
 def _error(capsys, prog, main, argv) -> str:
+    # drop what the test's earlier commands wrote: a training run's progress line (at most one a
+    # minute across the process, so it shows up only when the test runs late) is not this error's
+    capsys.readouterr()
     assert run_cli(prog, main, argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
@@ -177,7 +180,8 @@ def test_a_run_cannot_be_retrained_on_other_data(capsys, run):
     assert "holds a run trained on other data" in err
 
 
-def test_stale_stage2_is_refused_after_stage1_is_retrained(capsys, run, tmp_path):
+def test_stale_stage2_is_refused_after_stage1_is_retrained(capsys, run, tmp_path, monkeypatch):
+    monkeypatch.setattr("gavamoe.progress.REPORT_SECONDS", 0)  # the training runs before write progress lines
     fresh = tmp_path / "fresh"
     Run(run).fork(fresh)
     assert train.main(["--out", str(fresh), *TINY, *TINY_STAGE2, "--stage", "2", "--stop-after", "0"]) == 0
