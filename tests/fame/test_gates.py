@@ -60,7 +60,7 @@ def test_gates_of_an_inter_run_read_the_file_or_its_new_place(tmp_path):
 
 
 def _bad_runs(tmp_path):
-    """(name, run, extra flags, message) of every refusal."""
+    """(run, extra flags, message) of every refusal."""
     fame, sasrec = tmp_path / "fame", tmp_path / "sasrec"
     assert train_main(["--out", str(fame), *TINY]) == 0
     assert train_main(["--out", str(sasrec), "--model", "sasrec", *TINY]) == 0
