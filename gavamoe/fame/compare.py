@@ -82,15 +82,16 @@ EXTRAS = {"head_gate_nmi": ("head gate NMI with the planted facet", lambda m: m.
           "expert_entropy": ("experts' routing entropy (1 uniform)", _expert_entropy)}
 
 
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+
+
 def _summary(metrics: list[dict]) -> dict:
-    out = {}
-    for key in metrics[0]["test"]:
-        values = [m["test"][key] for m in metrics]
-        out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+    out = {key: _spread([m["test"][key] for m in metrics]) for key in metrics[0]["test"]}
     for key, (_, read) in EXTRAS.items():
         values = [read(m) for m in metrics]
         if None not in values:
-            out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values), "values": values}
+            out[key] = _spread(values)
     return out
 
 
