@@ -1,5 +1,6 @@
 # Front door: make venv | make test | make lint | make cuda-check | make bench | make demo
-# GPU runbook (benchmarks/NOTES.md): make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm|fame [K=expr]
+# GPU runbook (benchmarks/NOTES.md): make gpu-session OUT=dir [STEPS=check,moe,...] [BUDGET=s]
+#   | make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm|fame [K=expr]
 PYTHON ?= python3
 GPU_PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-gpu lint cuda-check bench demo gpu-check bench-gpu runbook-dry-run
+.PHONY: venv test test-gpu lint cuda-check bench demo gpu-session gpu-check bench-gpu runbook-dry-run
 
 venv: $(VENV)/.installed
 
@@ -43,6 +44,13 @@ cuda-check: venv
 bench: venv
 	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider
 
+# On a lent GPU machine, one command: the tests, then the suites, in order until BUDGET seconds, the
+# results packed into OUT/gpu-results.tar.gz after each step (STEPS picks and orders them).
+BUDGET ?= 540
+gpu-session:
+	@test -n "$(OUT)" || { echo "make gpu-session: OUT=DIR is required (on the device machine: OUT=\$$OUT)" >&2; exit 2; }
+	$(GPU_PYTHON) -m benchmarks.runbook session --out "$(OUT)" --budget-s $(BUDGET) $(if $(STEPS),--steps "$(STEPS)")
+
 # On a lent GPU machine, with its own python3 (no venv, no downloads): install, build, test, summarise.
 gpu-check:
 	$(GPU_PYTHON) -m benchmarks.runbook check
@@ -53,8 +61,8 @@ bench-gpu:
 
 # CI: every step of the runbook that needs no CUDA, with the venv's python, into a scratch folder.
 runbook-dry-run: venv
-	$(BIN)/python -m benchmarks.runbook check --dry-run
-	for suite in moe decode router gmm fame; do $(BIN)/python -m benchmarks.runbook bench --suite $$suite --dry-run || exit 1; done
+	out=$$(mktemp -d) && $(BIN)/python -m benchmarks.runbook session --dry-run --budget-s 1800 --out $$out \
+	  && tar tzf $$out/gpu-results.tar.gz
 
 # Both stages, the three ablations, generation and metrics on the default synthetic data (runs/demo/).
 demo: venv

@@ -45,6 +45,18 @@ def pytest_configure(config):
         config.option.benchmark_json = Path(tempfile.mkdtemp(prefix="gavamoe-bench-")) / "session.json"
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A run stopped midway (Ctrl-C, or the GPU runbook's deadline) keeps the rows it finished: the
+    case cut off has no timings, and pytest-benchmark, whose own wrapper saves inside this one, would
+    fail on it and save none."""
+    benchmark_session = getattr(session.config, "_benchmarksession", None)
+    if benchmark_session is not None:
+        benchmark_session.benchmarks[:] = [bench for bench in benchmark_session.benchmarks
+                                           if getattr(getattr(bench, "stats", None), "data", None)]
+    return (yield)
+
+
 _SESSION_RATES: dict = {}
 
 

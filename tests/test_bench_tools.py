@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
 
 from benchmarks import report, runbook
 
@@ -55,3 +62,91 @@ def test_runbook_refuses_to_run_on_a_machine_without_cuda_unless_dry(capsys):
         return
     assert runbook.main(["bench", "--suite", "router"]) == 2
     assert "use --dry-run" in capsys.readouterr().err
+
+
+def test_runbook_stops_a_command_at_its_deadline_and_kills_one_that_ignores_ctrl_c(monkeypatch):
+    start = time.time()
+    code = runbook._run([sys.executable, "-c", "import time; time.sleep(60)"], deadline=start + 1)
+    assert code != 0 and time.time() - start < 20
+    monkeypatch.setattr(runbook, "GRACE_S", 1.0)
+    start = time.time()
+    deaf = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"
+    assert runbook._run([sys.executable, "-c", deaf], deadline=start + 1) == -9
+    assert time.time() - start < 20
+
+
+def _fake_steps(monkeypatch, calls):
+    """install, check and bench stand-ins: the last two write a result file each, and the first check
+    runs until the deadline, so that a session's budget can be spent without pip or pytest."""
+
+    def check(results, dry_run, deadline=None, installed=None):
+        assert installed == 0  # the session installed first
+        calls.append("check")
+        (results / f"{runbook._slug()}-tests.txt").write_text("tests\n")
+        if calls.count("check") == 1 and deadline is not None:
+            time.sleep(max(deadline - time.time(), 0) + 0.05)
+        return 1
+
+    def bench(suite, results, dry_run, select=None, deadline=None):
+        calls.append(suite)
+        (results / f"{runbook._slug()}-{suite}.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(runbook, "install", lambda deadline=None: 0)
+    monkeypatch.setattr(runbook, "check", check)
+    monkeypatch.setattr(runbook, "bench", bench)
+
+
+def test_runbook_session_runs_its_steps_in_order_until_the_deadline_and_packs_after_each(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    monkeypatch.setattr(runbook, "MIN_STEP_S", 0.5)
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    # the first check runs to the deadline: the suites after it are not reached
+    assert runbook.main(["session", "--dry-run", "--results", str(results), "--out", str(out),
+                         "--budget-s", "1", "--steps", "check,moe"]) == 1
+    assert calls == ["check"]
+    slug = runbook._slug()
+    session = (results / f"{slug}-session.txt").read_text()
+    assert "check: exit 1" in session and "stopped at the deadline" in session and "moe: not reached" in session
+    with tarfile.open(out / runbook.PACKED) as tar:
+        assert sorted(tar.getnames()) == [f"{slug}-session.txt", f"{slug}-tests.txt"]
+    # with time enough every step runs, in the order given
+    assert runbook.main(["session", "--dry-run", "--results", str(results), "--out", str(out),
+                         "--budget-s", "100", "--steps", "router,check,moe"]) == 1
+    assert calls == ["check", "router", "check", "moe"]
+    with tarfile.open(out / runbook.PACKED) as tar:
+        assert {f"{slug}-router.json", f"{slug}-moe.json", f"{slug}-tests.txt"} <= set(tar.getnames())
+    assert "not reached" not in (results / f"{slug}-session.txt").read_text()
+
+
+def test_runbook_session_refuses_unknown_steps_and_a_budget_of_nothing(tmp_path, capsys):
+    for bad in (["--steps", "check,moe,nope"], ["--steps", ","], ["--budget-s", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            runbook.main(["session", "--dry-run", "--out", str(tmp_path), *bad])
+        assert stop.value.code == 2
+    assert "nope" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_interrupted_benchmark_run_keeps_the_rows_it_finished(tmp_path):
+    """Ctrl-C (the runbook's deadline) in the third of four cases: the first two are saved."""
+    (tmp_path / "bench_toy.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_toy(benchmark, i):\n"
+        "    def work():\n"
+        "        if i == 2:\n"
+        "            raise KeyboardInterrupt\n"
+        "        return sum(range(100))\n"
+        "    benchmark.extra_info.update(case='toy', impl=f'impl{i}', role='ours', checked=True)\n"
+        "    benchmark.pedantic(work, rounds=3)\n")
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.conftest",
+                           str(tmp_path / "bench_toy.py"), "--benchmark", f"--results={results}",
+                           f"--rootdir={tmp_path}"], cwd=runbook.ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(runbook.ROOT)})
+    assert proc.returncode == 2, proc.stdout[-2000:]  # interrupted
+    saved = json.loads((results / f"{runbook._slug()}-toy.json").read_text())
+    assert [row["extra_info"]["impl"] for row in saved["benchmarks"]] == ["impl0", "impl1"]
