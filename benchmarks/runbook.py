@@ -248,6 +248,7 @@ def session(steps: list[str], budget_s: float, out: Path, results: Path, dry_run
     start = time.time()
     deadline = start + budget_s
     out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     _install_wheels()
     installed = install(deadline)  # before any step: a suite alone needs the extension too
     done = [f"install: exit {installed}, {time.time() - start:.0f} s"]
