@@ -67,8 +67,11 @@ def _run(cmd: list[str], env: dict | None = None, log: Path | None = None, deadl
     start = time.time()
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | (env or {})
     with open(log, "w") if log else open(os.devnull, "w") as sink:
+        # Ctrl-C back to its default in the command: started from a background job (as a device
+        # tool's command may be) or a pytest-xdist worker, it would inherit SIGINT ignored
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         timers = []
         if deadline is not None:
             left = max(deadline - start, 0.0)
