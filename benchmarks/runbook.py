@@ -16,10 +16,9 @@ benchmark suite at its GPU shapes and writes ``benchmarks/results/<device>-<suit
 combined ``<device>.md/.png``. Both print their own timings.
 
 ``session`` installs once, then runs ``check`` and the suites one after another until a deadline
-(``--budget-s``). A
-step still running at the deadline is stopped as Ctrl-C stops it, so pytest still writes what
-it finished (the tests' summary, the benchmark rows measured so far); the steps after it are
-listed as not reached. After every step the result files are packed into
+(``--budget-s``). A step still running at the deadline is stopped as Ctrl-C stops it, so pytest
+still writes what it finished (the tests' summary, the benchmark rows measured so far); the steps
+after it are listed as not reached. After every step the result files are packed into
 ``DIR/gpu-results.tar.gz``, one file that the device tool brings back even if the command is
 killed later. Wheels in ``.whl/`` (Liger-Kernel, which the image lacks) are installed into a
 scratch folder first.
@@ -291,11 +290,11 @@ def _pack(results: Path, out: Path, done: list[str]) -> Path:
     slug = _slug()
     (results / f"{slug}-session.txt").write_text("\n".join(["# python -m benchmarks.runbook session",
                                                           *environment_lines(), "", *done]) + "\n")
-    packed = out / PACKED
-    with tarfile.open(packed.with_suffix(".tmp"), "w:gz") as tar:
+    packed, partial = out / PACKED, out / (PACKED + ".tmp")
+    with tarfile.open(partial, "w:gz") as tar:
         for path in sorted(results.glob(f"{slug}*")):
             tar.add(path, arcname=path.name)
-    packed.with_suffix(".tmp").replace(packed)
+    partial.replace(packed)
     return packed
 
 
