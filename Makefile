@@ -1,4 +1,4 @@
-# Front door: make venv | make test | make lint | make cuda-check | make bench | make demo
+# Front door: make venv | make test | make lint | make cuda-check | make triton-check | make bench | make demo
 # GPU runbook (benchmarks/NOTES.md): make gpu-session OUT=dir [STEPS=check,moe,...] [BUDGET=s]
 #   | make gpu-check | make bench-gpu SUITE=moe|decode|router|gmm|fame [K=expr]
 PYTHON ?= python3
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # The CPU machines carry torch 2.13.0 (CPU build) on disk; a GPU machine keeps the torch it has.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv test test-gpu lint cuda-check bench demo gpu-session gpu-check bench-gpu runbook-dry-run
+.PHONY: venv test test-gpu lint cuda-check triton-check bench demo gpu-session gpu-check bench-gpu runbook-dry-run
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ lint: venv
 # Every csrc/*.cu through nvcc for sm_90 (CUDA_ARCH overrides) and a syntax check of the bindings; no GPU needed.
 cuda-check: venv
 	$(BIN)/python csrc/cuda_check.py
+
+# Every Triton kernel compiled for sm_90 without a GPU, at the benchmark shapes: compile errors, shared memory
+# that does not fit, registers and spills (benchmarks/triton_check.py). TRITON_CONFIGS=all: every autotune config.
+TRITON_CONFIGS ?= default
+triton-check: venv
+	env -u TRITON_INTERPRET $(BIN)/python -m benchmarks.triton_check --configs $(TRITON_CONFIGS)
 
 bench: venv
 	$(BIN)/python -m pytest benchmarks/ --benchmark -q -p no:cacheprovider

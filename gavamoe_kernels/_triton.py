@@ -77,14 +77,23 @@ def config_grid(names: Sequence[str], stages: Sequence[int] = (3, 4), **choices)
 def tuned(configs: list[triton.Config], key: list[str], default: dict, interpret: dict,
           default_warps: int = 4) -> Callable:
     """Decorator: autotune ``configs`` on ``key`` on a GPU; one configuration otherwise:
-    ``default`` with GAVAMOE_AUTOTUNE=0, ``interpret`` (small blocks) under the interpreter."""
+    ``default`` with GAVAMOE_AUTOTUNE=0, ``interpret`` (small blocks) under the interpreter.
+    The autotuner keeps both GPU choices, ``gpu_configs`` and ``default_config``, for
+    benchmarks/triton_check.py, which compiles each of them without a GPU."""
+    default_config = triton.Config(default, num_warps=default_warps, num_stages=3)
     if AUTOTUNE:
         chosen = configs
     elif INTERPRET:
         chosen = [triton.Config(interpret, num_warps=4, num_stages=1)]
     else:
-        chosen = [triton.Config(default, num_warps=default_warps, num_stages=3)]
-    return lambda fn: triton.autotune(configs=chosen, key=key)(fn)
+        chosen = [default_config]
+
+    def decorate(fn):
+        tuner = triton.autotune(configs=chosen, key=key)(fn)
+        tuner.gpu_configs, tuner.default_config = configs, default_config
+        return tuner
+
+    return decorate
 
 
 def row_chunks(rows: int, block: int, tiles: int, device: torch.device, programs: int,
