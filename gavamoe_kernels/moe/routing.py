@@ -56,7 +56,10 @@ def _gate_logits(
     PRECISION: tl.constexpr, ALL_CLUSTERS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """logits[t, e] = sum_h W[c_t, e, h] x[t, h] in fp32 for a tile of tokens; [BT, BE]."""
+    """logits[t, e] = sum_h W[c_t, e, h] x[t, h] in fp32 for a tile of tokens; [BT, BE].
+    The two paths are the two branches of one if/else: Triton's compiler goes on past a
+    ``return`` inside an ``if`` on a constexpr and met the second path's ``w_rows`` with the
+    first one's shape (found by benchmarks/triton_check.py; the interpreter never sees it)."""
     re = tl.arange(0, BLOCK_E)
     if ALL_CLUSTERS:
         jc, je = _gate_rows(BLOCK_C, BLOCK_E)
@@ -71,22 +74,23 @@ def _gate_logits(
             w = tl.load(w_rows[:, None] + rh[None, :] * stride_wh, mask=j_mask[:, None] & h_mask[None, :],
                         other=0.0)  # [BC*BE, BH]
             acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-        return _cluster_columns(acc, cid, BLOCK_T, BLOCK_C, BLOCK_E)
-    logits = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
-    for c in range(0, C):
-        mine = (cid == c) & t_mask
-        if tl.max(mine.to(tl.int32), axis=0) > 0:  # only the clusters present in this tile
-            w_rows = w_ptr + tl.cast(c, tl.int64) * stride_wc + re * stride_we
-            acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                rh = h0 + tl.arange(0, BLOCK_H)
-                h_mask = rh < H
-                x = tl.load(x_ptr + rt64[:, None] * stride_xt + rh[None, :] * stride_xh,
-                            mask=mine[:, None] & h_mask[None, :], other=0.0)  # [BT, BH]
-                w = tl.load(w_rows[:, None] + rh[None, :] * stride_wh, mask=(re < E)[:, None] & h_mask[None, :],
-                            other=0.0)  # [BE, BH]
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-            logits = tl.where(mine[:, None], acc, logits)
+        logits = _cluster_columns(acc, cid, BLOCK_T, BLOCK_C, BLOCK_E)
+    else:
+        logits = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+        for c in range(0, C):
+            mine = (cid == c) & t_mask
+            if tl.max(mine.to(tl.int32), axis=0) > 0:  # only the clusters present in this tile
+                w_rows = w_ptr + tl.cast(c, tl.int64) * stride_wc + re * stride_we
+                acc = tl.zeros([BLOCK_T, BLOCK_E], tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    rh = h0 + tl.arange(0, BLOCK_H)
+                    h_mask = rh < H
+                    x = tl.load(x_ptr + rt64[:, None] * stride_xt + rh[None, :] * stride_xh,
+                                mask=mine[:, None] & h_mask[None, :], other=0.0)  # [BT, BH]
+                    w = tl.load(w_rows[:, None] + rh[None, :] * stride_wh,
+                                mask=(re < E)[:, None] & h_mask[None, :], other=0.0)  # [BE, BH]
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+                logits = tl.where(mine[:, None], acc, logits)
     return logits
 
 
