@@ -126,6 +126,16 @@ def test_weights_in_other_layouts(backend):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not runnable here")
+def test_every_act_grad_tile_is_as_wide_as_its_partial_buffer_column():
+    """The partial d_w buffer has one column per ACT_GRAD_MIN_BLOCK_N columns of I, and each column
+    tile writes its own: a narrower tile in the autotune list would write past the buffer."""
+    from gavamoe_kernels.moe import grouped_gemm as gg
+
+    tiles = [c.kwargs["BLOCK_N"] for c in [*gg._act_grad.gpu_configs, gg._act_grad.default_config]]
+    assert min([*tiles, gg._INTERPRET["BLOCK_N"]]) >= gg.ACT_GRAD_MIN_BLOCK_N
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not runnable here")
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4]], ids=[SHAPE_IDS[2], SHAPE_IDS[4]])
 def test_tma_weight_loads_give_the_reference(shape):
     """The Tensor Memory Accelerator path (GAVAMOE_TMA=1) of the up-, down- and input-gradient
