@@ -57,9 +57,10 @@ def _gate_logits(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """logits[t, e] = sum_h W[c_t, e, h] x[t, h] in fp32 for a tile of tokens; [BT, BE].
-    The two paths are the two branches of one if/else: Triton's compiler goes on past a
-    ``return`` inside an ``if`` on a constexpr and met the second path's ``w_rows`` with the
-    first one's shape (found by benchmarks/triton_check.py; the interpreter never sees it)."""
+    The two paths are the branches of one if/else. Written as an early ``return`` inside an
+    ``if`` on a constexpr they did not compile: Triton's code generator goes on past such a return
+    and met the second path's ``w_rows`` with the first one's shape (found by
+    benchmarks/triton_check.py; the interpreter runs the Python and never saw it)."""
     re = tl.arange(0, BLOCK_E)
     if ALL_CLUSTERS:
         jc, je = _gate_rows(BLOCK_C, BLOCK_E)
