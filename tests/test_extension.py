@@ -87,3 +87,20 @@ def test_jit_build_is_asked_for_by_environment(monkeypatch):
     assert _extension.jit_requested() and _extension.available()
     monkeypatch.setenv("GAVAMOE_CUDA_JIT", "0")
     assert not _extension.jit_requested()
+
+
+def test_cuda_check_reads_each_kernels_resources_from_ptxas():
+    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "csrc" / "cuda_check.py")
+    cuda_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_check)
+    log = ("ptxas info    : 0 bytes gmem\n"
+           "ptxas info    : Compiling entry function '_ZN7gavamoe6kernelEv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _ZN7gavamoe6kernelEv\n"
+           "    24 bytes stack frame, 68 bytes spill stores, 84 bytes spill loads\n"
+           "ptxas info    : Used 64 registers, used 1 barriers, 24 bytes cumulative stack size, 33472 bytes smem\n"
+           "ptxas info    : Compiling entry function 'plain' for 'sm_90'\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 16 registers, used 0 barriers\n")
+    rows = cuda_check.kernel_resources(log)
+    assert [r[1:] for r in rows] == [(64, 24, 68, 84, 33472), (16, 0, 0, 0, 0)]
+    assert rows[1][0] == "plain" and rows[0][0] in ("gavamoe::kernel", "_ZN7gavamoe6kernelEv")  # c++filt or not
