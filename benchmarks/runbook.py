@@ -251,9 +251,9 @@ def session(steps: list[str], budget_s: float, out: Path, results: Path, dry_run
     deadline = start + budget_s
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
-    _install_wheels()
+    wheels = _install_wheels()
     installed = install(deadline)  # before any step: a suite alone needs the extension too
-    done = [f"install: exit {installed}, {time.time() - start:.0f} s"]
+    done = [wheels, f"install: exit {installed}, {time.time() - start:.0f} s"]
     codes = [installed]
     for step in steps:
         left = deadline - time.time()
@@ -272,16 +272,20 @@ def session(steps: list[str], budget_s: float, out: Path, results: Path, dry_run
     return max(codes)
 
 
-def _install_wheels() -> None:
+def _install_wheels() -> str:
     """Wheels carried in ``.whl/`` (no internet on the GPU machine) into a scratch folder on the path
-    of every command the session runs."""
-    wheels = sorted(str(path) for path in (ROOT / ".whl").glob("*.whl"))
+    of every command the session runs. Returns the session file's line about them."""
+    wheels = sorted((ROOT / ".whl").glob("*.whl"))
     if not wheels:
-        return
+        return "wheels: none carried in .whl/"
+    names = ", ".join(path.name for path in wheels)
     site = tempfile.mkdtemp(prefix="gavamoe-wheels-")
-    code = _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site, *wheels])
-    if code == 0:
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    code = _run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
+                 *map(str, wheels)])
+    if code != 0:
+        return f"wheels: pip exit {code} installing {names}; not on the path, so their peers' rows fail or skip"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    return f"wheels: {names} installed"
 
 
 def _pack(results: Path, out: Path, done: list[str]) -> Path:

@@ -127,6 +127,23 @@ def test_runbook_session_runs_its_steps_in_order_until_the_deadline_and_packs_af
     assert "not reached" not in (results / f"{slug}-session.txt").read_text()
 
 
+def test_the_session_file_says_what_became_of_the_carried_wheels(tmp_path, monkeypatch):
+    monkeypatch.setattr(runbook, "ROOT", tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "before")
+    assert runbook._install_wheels() == "wheels: none carried in .whl/"
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "broken-1.0-py3-none-any.whl").write_text("not a zip file")
+    line = runbook._install_wheels()
+    assert line.startswith("wheels: pip exit ") and "broken-1.0-py3-none-any.whl" in line and "not on the path" in line
+    assert os.environ["PYTHONPATH"] == "before"
+    calls: list[str] = []
+    _fake_steps(monkeypatch, calls)
+    results, out = tmp_path / "results", tmp_path / "out"
+    runbook.main(["session", "--dry-run", "--results", str(results), "--out", str(out), "--budget-s", "100",
+                  "--steps", "moe"])
+    assert "wheels: pip exit" in (results / f"{runbook._slug()}-session.txt").read_text()
+
+
 def test_runbook_session_refuses_unknown_steps_and_a_budget_of_nothing(tmp_path, capsys):
     for bad in (["--steps", "check,moe,nope"], ["--steps", ","], ["--budget-s", "0"]):
         with pytest.raises(SystemExit) as stop:
