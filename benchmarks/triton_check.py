@@ -30,7 +30,6 @@ import inspect
 import multiprocessing
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -254,7 +253,8 @@ def compile_job(job: Job, uses: Uses, arch: int) -> Row:
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(importlib.import_module(job.module), job.name)
-    fn = getattr(fn, "fn", fn) if not hasattr(fn, "params") else fn  # an Autotuner's kernel
+    if not hasattr(fn, "params"):  # a kernel decorated by @triton.autotune itself: its JIT function
+        fn = fn.fn
     names = [n for n, _ in job.signature]
     constexprs = {(names.index(n),): v for n, v in job.constexprs}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in job.divisible}
@@ -371,16 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gavamoe.progress import Progress
 
-    # a cache of its own: every compile is made (and timed) here, and the user's cache is left alone
-    os.environ["TRITON_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="triton-check-")
     start = time.perf_counter()
     recorded = record_library()
     missing = library_kernels() - {f"{j.module}.{j.name}" for j in recorded}
     jobs = {j: u for j, u in recorded.items() if args.configs == "all" or u.default}
     progress = Progress(total=len(jobs), desc=f"compiling for sm_{args.arch}")
-    rows = compile_all(jobs, args.arch, args.workers, progress)
+    # a cache of its own: every compile is made (and timed) here, and the user's cache is left alone
+    with tempfile.TemporaryDirectory(prefix="triton-check-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # read by the spawned workers
+        rows = compile_all(jobs, args.arch, args.workers, progress)
     progress.close()
-    shutil.rmtree(cache, ignore_errors=True)
     text = report(rows, args.arch, args.configs, time.perf_counter() - start, missing)
     if args.out:
         args.out.write_text(text)
