@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.triton_check", description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, H200)")
     p.add_argument("--configs", choices=("default", "all"), default="all")
-    p.add_argument("--out", type=Path, help="also write the report here (markdown)")
+    p.add_argument("--out", type=Path, help="also write the report (printed in any case) here, as markdown")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = compile_all(jobs, args.arch, args.workers, progress)
     progress.close()
     text = report(rows, args.arch, args.configs, time.perf_counter() - start, missing)
+    print(text)
     if args.out:
         args.out.write_text(text)
     bad = failures(rows, missing)
