@@ -175,6 +175,9 @@ def _configs_of(tuner) -> list:
 
 def record_library(dtypes=(torch.float32, torch.bfloat16)) -> dict[Job, Uses]:
     """Every launch of the library's kernels at the benchmark shapes (CPU tensors; nothing runs)."""
+    from benchmarks.bench_gmm import COMPONENTS, D
+    from benchmarks.bench_moe import GPT2, LLAMA, E, K
+    from benchmarks.bench_router import C as CLUSTERS
     from gavamoe_kernels import _triton
     from gavamoe_kernels.gmm import kernels as gmm
     from gavamoe_kernels.moe import grouped_gemm, routing
@@ -184,37 +187,39 @@ def record_library(dtypes=(torch.float32, torch.bfloat16)) -> dict[Job, Uses]:
     with recorder.recording():
         for dtype in dtypes:
             name = str(dtype).removeprefix("torch.")
-            # router: GaVaMoE's clusters (C=4, E=12), FAME's heads (C=2, E=N=4), the widest all-cluster
-            # gates (C x E = 256: C=4, E=64 and C=1, E=256) and the per-cluster path (C=8, E=64)
-            for T, H, C, E, k in ((4096, 4096, 4, 12, 2), (8192, 768, 2, 4, 4), (4096, 4096, 4, 64, 2),
-                                  (4096, 4096, 1, 256, 2), (4096, 4096, 8, 64, 8)):
-                recorder.launch = f"route T={T} H={H} C={C} E={E} k={k} {name}"
-                x, gate = torch.randn(T, H, generator=g).to(dtype), torch.randn(C, E, H, generator=g).to(dtype)
+            # router: bench_router's clusters and experts, FAME's heads (C=2, E=N=4), the widest
+            # all-cluster gates (C x E = 256: C=4, E=64 and C=1, E=256) and the per-cluster path (C=8, E=64)
+            for T, H, C, n_experts, k in ((4096, LLAMA[0], CLUSTERS, E, K), (8192, GPT2[0], 2, 4, 4),
+                                          (4096, 4096, 4, 64, 2), (4096, 4096, 1, 256, 2), (4096, 4096, 8, 64, 8)):
+                recorder.launch = f"route T={T} H={H} C={C} E={n_experts} k={k} {name}"
+                x = torch.randn(T, H, generator=g).to(dtype)
+                gate = torch.randn(C, n_experts, H, generator=g).to(dtype)
                 cids = torch.randint(0, C, (T,), generator=g)
                 for normalize in (True, False):
                     w, ids, logits = routing.route_fwd(x, gate, cids, k, normalize)
                     routing.route_bwd(torch.randn_like(w), torch.randn_like(logits), x, gate, cids, w,
-                                      ids.clamp(0, E - 1), logits, normalize)
-            # experts: the paper's two sizes (bench_moe), prefill and decoding, with and without TMA loads
-            for T, H, I in ((4096, 4096, 1280), (8192, 768, 256), (16, 4096, 1280), (1, 768, 256)):
-                E, k = 12, 2
+                                      ids.clamp(0, n_experts - 1), logits, normalize)
+            # experts: bench_moe's two sizes (the paper's), prefill and decoding, with and without TMA loads
+            for T, (H, I) in ((4096, LLAMA), (8192, GPT2), (16, LLAMA), (1, GPT2)):
                 x = torch.randn(T, H, generator=g).to(dtype)
                 w1 = torch.randn(E, 2 * I, H, generator=g).to(dtype)
                 w2 = torch.randn(E, H, I, generator=g).to(dtype)
-                ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
-                weights = torch.rand(T, k, generator=g)
+                ids = torch.rand(T, E, generator=g).argsort(-1)[:, :K]
+                weights = torch.rand(T, K, generator=g)
                 for tma in (False, True) if _triton.TMA_SUPPORTED else (False,):
-                    recorder.launch = f"experts T={T} H={H} I={I} E={E} k={k}{' TMA' if tma else ''} {name}"
+                    recorder.launch = f"experts T={T} H={H} I={I} E={E} k={K}{' TMA' if tma else ''} {name}"
                     # _use_tma takes the TMA path on a GPU or under the interpreter; here is neither
                     with _triton.use_tma(tma), mock.patch.object(grouped_gemm, "INTERPRET", True):
                         y, pre, slots, pos, counts = grouped_gemm.experts_fwd(x, weights, ids, w1, w2, True)
                         grouped_gemm.experts_bwd(torch.randn_like(y), x, weights, w1, w2, pre, slots, pos, counts)
                         grouped_gemm.experts_fwd(x, weights, ids, w1, w2, False)
-            # Gaussian-mixture responsibilities: stage 1's latent size, K of bench_gmm
-            for K in (4, 16, 64):
-                recorder.launch = f"gmm N=65536 D=128 K={K} {name}"
-                z, mu = torch.randn(65536, 128, generator=g).to(dtype), torch.randn(K, 128, generator=g).to(dtype)
-                log_pi, logvar = torch.zeros(K, dtype=dtype), torch.zeros(K, 128, dtype=dtype)
+            # Gaussian-mixture responsibilities: bench_gmm's D and numbers of components
+            for n_components in COMPONENTS:
+                recorder.launch = f"gmm N=65536 D={D} K={n_components} {name}"
+                z = torch.randn(65536, D, generator=g).to(dtype)
+                mu = torch.randn(n_components, D, generator=g).to(dtype)
+                log_pi = torch.zeros(n_components, dtype=dtype)
+                logvar = torch.zeros(n_components, D, dtype=dtype)
                 log_gamma, log_norm = gmm.log_prob_fwd(z, log_pi, mu, logvar)
                 gmm.log_prob_bwd(torch.randn_like(log_gamma), log_norm, z, log_pi, mu, logvar, log_gamma)
     return recorder.jobs
