@@ -11,14 +11,29 @@ stage 1 has since changed, or whose data files changed, is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .data import ReviewData, load_peter, make_synthetic
 from .errors import UserInputError
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A scratch path beside ``path`` to write to; when the block ends without an error it
+    replaces ``path`` in one step, so a crash midway leaves the old file (or none), never half a
+    file. On an error the scratch file is removed."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -114,9 +129,8 @@ class Run:
 
     def _write(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2))
-        tmp.replace(self.config_path)
+        with replacing(self.config_path) as partial:
+            partial.write_text(json.dumps(config, indent=2))
 
     def start(self, spec: DataSpec, fingerprint: str) -> None:
         """Begin (or continue) training in this directory. A directory that holds a run on other

@@ -45,7 +45,7 @@ from .errors import UserInputError, check_at_least_one, check_device
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
 from .progress import Progress
-from .runs import Run
+from .runs import Run, replacing
 
 
 @dataclass
@@ -276,9 +276,8 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, ctx: 
                "rng": torch.get_rng_state(), **state}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint
+    with replacing(path) as partial:  # a crash mid-write leaves the previous checkpoint
+        torch.save(payload, partial)
 
 
 @dataclass

@@ -36,9 +36,8 @@ class Sequences:
     item_facets: np.ndarray | None = None  # (num_items + 1, F) facet values; row 0 is padding
     user_facet: np.ndarray | None = None  # (users,) the facet each user's choices follow
     user_liked: np.ndarray | None = None  # (users, 2) the two values of that facet the user likes
-    stick: float = 0.8  # how often the next liked value is the previous item's (planted_facets)
     source: str = "synthetic"
-    synthetic: dict | None = None  # planted_facets' parameters, for the run's config
+    synthetic: dict | None = None  # planted_facets' parameters (the oracle's stick), for the run's config
     dropped_users: int = 0
     item_names: list[str] = field(default_factory=list)
 
@@ -124,7 +123,7 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
     parameters = dict(num_users=num_users, num_items=num_items, num_facets=num_facets, values=values, length=length,
                       stick=stick, noise=noise, seed=seed)
     return Sequences(num_items, [str(u) for u in range(num_users)], sequences, padded, user_facet,
-                     np.array(user_liked).reshape(num_users, 2), stick, synthetic=parameters)
+                     np.array(user_liked).reshape(num_users, 2), synthetic=parameters)
 
 
 @dataclass
@@ -171,7 +170,7 @@ def planted_oracle_scores(data: Sequences, split: Split, generator: torch.Genera
     ``stick`` >= 1/2) score 2, items with the other liked value 1, the rest 0 (both liked values
     1.5 when no input item has one), plus uniform noise in [0, 1/2) so that ties, which no model
     can break on this data, fall at random."""
-    if data.user_liked is None or data.item_facets is None or data.user_facet is None:
+    if data.user_liked is None or data.item_facets is None or data.user_facet is None or data.synthetic is None:
         raise ValueError("the oracle needs planted data (planted_facets)")
     inputs, users = split.inputs.numpy(), split.users.numpy()
     facet, liked = data.user_facet[users], data.user_liked[users]  # (n,), (n, 2)
@@ -181,7 +180,7 @@ def planted_oracle_scores(data: Sequences, split: Split, generator: torch.Genera
     last = seen.shape[1] - 1 - is_liked[:, ::-1].argmax(1)
     current = seen[np.arange(len(seen)), last]
     other = np.where(current == liked[:, 0], liked[:, 1], liked[:, 0])
-    first, second = (current, other) if data.stick >= 0.5 else (other, current)
+    first, second = (current, other) if data.synthetic["stick"] >= 0.5 else (other, current)
     values = data.item_facets[1:][:, facet].T  # (n, num_items): each item's value in the user's facet
     scores = np.where(values == first[:, None], 2.0, np.where(values == second[:, None], 1.0, 0.0))
     either = (values == liked[:, :1]) | (values == liked[:, 1:])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CliParser, UserInputError, run_cli
+from ..runs import replacing
 from .data import leave_one_out, planted_facets, read_inter
 from .metrics import gate_sharpness
 from .model import SeqRec, SeqRecConfig
@@ -54,9 +55,8 @@ def main(argv=None) -> int:
     _, weights = evaluate(model, leave_one_out(data, model.config.max_len)["test"], 1024, "cpu")
     metrics["gate_sharpness"] = gate_sharpness(weights["heads"], weights["experts"])
     plot_gates(weights, data, args.run / "gates.png")
-    partial = metrics_path.with_suffix(".json.partial")  # a crash midway leaves the old file whole
-    partial.write_text(json.dumps(metrics, indent=2))
-    partial.replace(metrics_path)
+    with replacing(metrics_path) as partial:
+        partial.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics["gate_sharpness"], indent=2))
     return 0
 

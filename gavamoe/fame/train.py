@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import plots
 from ..errors import UserInputError, check_at_least_one, check_device
 from ..progress import Progress
+from ..runs import replacing
 from .data import Sequences, Split, leave_one_out, planted_oracle_scores
 from .metrics import gate_sharpness, normalized_entropy, ranking_metrics, target_ranks
 from .metrics import normalized_mutual_information as nmi
@@ -160,7 +161,8 @@ def _write(out: Path, model: SeqRec, metrics: dict, losses: list[float], weights
     plots.loss_curves({"training cross-entropy": losses}, out / "loss_curve.png", f"{metrics['model']}: loss")
     if weights:  # FAME: the test users' weights at the last position
         plot_gates(weights, data, out / "gates.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # last: its presence means the run is whole
+    with replacing(out / "metrics.json") as partial:  # last, and whole: its presence means the run is
+        partial.write_text(json.dumps(metrics, indent=2))
 
 
 def plot_gates(weights: dict[str, torch.Tensor], data: Sequences, path: Path) -> None:

@@ -94,7 +94,7 @@ def test_the_oracle_ranks_the_current_liked_value_first_by_hand():
     # items 1..6; facet 0 values 0 0 1 1 2 2, facet 1 values 0 1 0 1 0 1 (row 0 is padding)
     facets = np.array([[-1, -1], [0, 0], [0, 1], [1, 0], [1, 1], [2, 0], [2, 1]])
     data = Sequences(6, ["a", "b", "c"], [[1], [1], [1]], facets, user_facet=np.array([0, 0, 1]),
-                     user_liked=np.array([[0, 2], [0, 2], [0, 1]]))
+                     user_liked=np.array([[0, 2], [0, 2], [0, 1]]), synthetic={"stick": 0.8})
     inputs = torch.tensor([[0, 1, 5, 3],   # user a (facet 0, likes 0 and 2): latest liked value 2 (item 5)
                            [0, 0, 3, 4],   # user b: no input item has a liked value
                            [2, 3, 5, 6]])  # user c (facet 1, likes 0 and 1): latest is item 6, value 1
@@ -104,7 +104,7 @@ def test_the_oracle_ranks_the_current_liked_value_first_by_hand():
     assert scores.floor().tolist()[0] == [1, 1, 0, 0, 2, 2]  # value 2 first, value 0 next, value 1 last
     assert (scores * 2).floor().tolist()[1] == [3, 3, 0, 0, 3, 3]  # both liked values alike (1.5)
     assert scores.floor().tolist()[2] == [1, 2, 1, 2, 1, 2]
-    data.stick = 0.3  # the next item more often switches to the other liked value
+    data.synthetic["stick"] = 0.3  # the next item more often switches to the other liked value
     assert planted_oracle_scores(data, split, torch.Generator()).floor().tolist()[0] == [2, 2, 0, 0, 1, 1]
     with pytest.raises(ValueError, match="planted data"):
         planted_oracle_scores(Sequences(6, ["a"], [[1]]), split, torch.Generator())
