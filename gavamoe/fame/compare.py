@@ -72,9 +72,12 @@ def _finished(out: Path, command: list[str]) -> dict | None:
 
 
 def _expert_entropy(metrics: dict) -> float | None:
-    """The experts' routers' normalised entropy (1 = uniform), averaged over the heads."""
+    """The experts' routers' normalised entropy (1 = uniform), averaged over the heads; None where
+    there is no choice to measure (one expert a head, whose entropy reads 0 as if one-hot)."""
     sharpness = metrics.get("gate_sharpness")  # FAME only; runs made before it existed lack it
-    return None if sharpness is None else statistics.mean(e["entropy"] for e in sharpness["experts"])
+    if sharpness is None or metrics["config"]["model"]["num_experts"] == 1:
+        return None
+    return statistics.mean(e["entropy"] for e in sharpness["experts"])
 
 
 # shown beside the test metrics for a model whose every run has them: key -> (column, reader)
