@@ -161,7 +161,7 @@ def _write(out: Path, model: SeqRec, metrics: dict, losses: list[float], weights
     plots.loss_curves({"training cross-entropy": losses}, out / "loss_curve.png", f"{metrics['model']}: loss")
     if weights:  # FAME: the test users' weights at the last position
         plot_gates(weights, data, out / "gates.png")
-    with replacing(out / "metrics.json") as partial:  # last, and whole: its presence means the run is
+    with replacing(out / "metrics.json") as partial:  # last and whole: its presence means the run finished
         partial.write_text(json.dumps(metrics, indent=2))
 
 
