@@ -289,6 +289,22 @@ def _error_line(e: BaseException) -> str:
     return f"{type(root).__name__} {where} {what}".replace("|", "/")[:300]
 
 
+@contextlib.contextmanager
+def private_cache():
+    """A Triton cache of the block's own, so every compile is made (and timed) and the user's cache is
+    left alone; TRITON_CACHE_DIR (read by the spawned workers) is as it was after the block."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="triton-check-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            yield cache
+        finally:
+            if before is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = before
+
+
 def compile_all(jobs: dict[Job, Uses], arch: int, workers: int, progress=None) -> list[Row]:
     rows: list[Row | None] = [None] * len(jobs)
     # spawn: each worker imports the kernels itself, Triton compiled (no state of this process)
@@ -381,9 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = library_kernels() - {f"{j.module}.{j.name}" for j in recorded}
     jobs = {j: u for j, u in recorded.items() if args.configs == "all" or u.default}
     progress = Progress(total=len(jobs), desc=f"compiling for sm_{args.arch}")
-    # a cache of its own: every compile is made (and timed) here, and the user's cache is left alone
-    with tempfile.TemporaryDirectory(prefix="triton-check-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # read by the spawned workers
+    with private_cache():
         rows = compile_all(jobs, args.arch, args.workers, progress)
     progress.close()
     text = report(rows, args.arch, args.configs, time.perf_counter() - start, missing)

@@ -121,6 +121,18 @@ def test_what_fails_the_check():
     assert _row("f", True, shared=100 * 1024).blocks_per_sm() == 2
 
 
+def test_the_private_cache_leaves_the_callers_setting(monkeypatch):
+    for before in ("/somewhere/else", None):
+        if before is None:
+            monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_CACHE_DIR", before)
+        with pytest.raises(RuntimeError), tc.private_cache() as cache:
+            assert os.environ["TRITON_CACHE_DIR"] == cache and Path(cache).is_dir()
+            raise RuntimeError("a compile that fails")
+        assert os.environ.get("TRITON_CACHE_DIR") == before and not Path(cache).exists()
+
+
 def test_refusals_are_one_line_with_status_2():
     for env, flags, message in ((_env(TRITON_INTERPRET="1"), [], "unset TRITON_INTERPRET"),
                                 (_env(), ["--workers", "0"], "--workers must be at least 1")):
