@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, generate, train
-from .errors import CliParser
+from .errors import CliParser, run_cli, writable_out
 from .runs import Run
 
 VARIANTS = {"full": [], "no multi-gating": ["--no-multi-gating"], "coarse experts": ["--coarse-experts"],
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--train-args", default="", help="extra arguments for every python -m gavamoe.train call")
     args = p.parse_args(argv)
+    writable_out(args.out)
     extra = ["--device", args.device, *DEMO_TRAIN, *args.train_args.split()]
     scorer = bertscore_model()
     started, rows = time.perf_counter(), {}
@@ -84,4 +85,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("gavamoe.demo", main))

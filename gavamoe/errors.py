@@ -8,6 +8,9 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +20,26 @@ class UserInputError(ValueError):
     """Bad input from the user: a flag, a file, a record. The message names it."""
 
 
+def finite_float(text: str) -> float:
+    """A float flag's value: NaN and infinities are refused (every range check passes a NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 class CliParser(argparse.ArgumentParser):
     """The commands' argument parser: a bad flag is one line, ``prog: error: message``, and exit
     status 2, like every other user error (argparse would print the whole usage first);
-    ``--help`` still prints it."""
+    ``--help`` still prints it. A ``type=float`` flag, in the parser or a group of it, takes
+    finite numbers only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", float, finite_float)  # argparse looks a flag's type up here; groups share it
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -45,6 +64,36 @@ def check_at_least_one(config, names: tuple[str, ...],
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserInputError(f"{flag(name)} must be at least 1, got {value}")
+
+
+def check_finite(config, flag: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> None:
+    """Every float field of the dataclass ``config`` must be finite: a NaN passes every range
+    check after it and trains to NaN. The error names the flag, ``flag(name)``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserInputError(f"{flag(f.name)} must be a finite number, got {value}")
+
+
+def writable_out(path: Path, flag: str = "--out", folder: bool = True) -> Path:
+    """Check, before any work, that the command can write its output: the folder ``path``
+    (``folder``) or the file ``path`` is created or can be; its folder is made. So a path that
+    cannot be written is one line at once, not a traceback after the training it would have kept."""
+    where = path if folder else path.parent
+    if folder and path.exists() and not path.is_dir():
+        raise UserInputError(f"{flag} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise UserInputError(f"{flag} {path}: is a folder; give a file's path")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), where)
+        raise UserInputError(f"{flag} {path}: cannot write there ({blocker} is a file)") from None
+    except OSError as error:
+        raise UserInputError(f"{flag} {path}: cannot write there ({error.strerror})") from None
+    if not os.access(path if not folder and path.exists() else where, os.W_OK):
+        raise UserInputError(f"{flag} {path}: cannot write there (no write permission)")
+    return path
 
 
 def check_device(device: str, flag: str = "--device") -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import load_peter
-from .errors import CliParser, UserInputError, run_cli
+from .errors import CliParser, UserInputError, run_cli, writable_out
 from .metrics import FEATURE_MATCHES, bertscore_pairs, text_metrics
 from .runs import Run
 
@@ -201,8 +201,8 @@ def main(argv=None) -> int:
     conventions = Conventions(args.bleu_smooth, args.feature_match, args.features_from, args.bertscore_model,
                               args.bertscore_layer, args.bertscore_idf, args.bertscore_rescale,
                               args.bertscore_baseline)
+    writable_out(args.out, folder=False)
     metrics = evaluate_file(args.predictions, conventions, args.device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2))
     table = markdown_table({"all": metrics, **metrics.get("sparsity", {})})
     args.out.with_suffix(".md").write_text(table + "\n")

@@ -19,7 +19,7 @@ import torch
 
 from .data import ReviewData
 from .data import text as text_data
-from .errors import CliParser, UserInputError, check_device, run_cli
+from .errors import CliParser, UserInputError, check_device, run_cli, writable_out
 from .models.explainer import Explainer, load_tokenizer
 from .progress import Progress
 from .runs import Run
@@ -94,21 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before generating, not after: the output's folder is made and the file opened."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as error:
-        raise UserInputError(f"--out {path}: cannot write there ({error.strerror})") from None
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer, data, config = load_run(args.run, args.device)
-    _check_writable(args.out)
+    writable_out(args.out, folder=False)
     records = data.split(args.split)[:args.limit]
     decoding = DECODING[args.preset or config.get("preset", "default")]
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in decoding.items()}

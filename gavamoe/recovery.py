@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import train
 from .data.synthetic import make_synthetic, planted_reviews
-from .errors import CliParser, run_cli
+from .errors import CliParser, run_cli, writable_out
 
 KINDS = ("synthetic", "taste", "level")
 # (generator, users, records, embed_dim): each generator at the default width of a PETER file (None:
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="only the three generators at width 768")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    writable_out(args.out)
     results = []
     for kind, users, records, width in QUICK if args.quick else GRID:
         name = f"{kind}-{users}-{records}-{width or 'default'}"

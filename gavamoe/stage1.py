@@ -22,7 +22,7 @@ import gavamoe_kernels as gk
 
 from . import plots
 from .data import ReviewData
-from .errors import UserInputError, check_at_least_one, check_device
+from .errors import UserInputError, check_at_least_one, check_device, check_finite
 from .metrics import adjusted_rand_index, mae, rmse, user_majority_ari
 from .models import VaeGmm, VaeGmmConfig
 from .models.vae_gmm import USER_CODES, group_by_user
@@ -71,6 +71,7 @@ class Stage1Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
+        check_finite(self)
         check_at_least_one(self, ("num_clusters", "embed_dim", "latent_dim", "encoder_dim", "batch_size",
                                   "pretrain_batch_size", "beta_step_epochs", "gmm_restarts"))
         for name in ("pretrain_epochs", "epochs", "beta", "weight_decay", "lr_step_epochs", "beta_start",

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from . import memory, plots, scaling
 from .data import ReviewData
 from .data import text as text_data
-from .errors import UserInputError, check_at_least_one, check_device
+from .errors import UserInputError, check_at_least_one, check_device, check_finite
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
 from .progress import Progress
@@ -82,6 +82,7 @@ class Stage2Config:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
+        check_finite(self, lambda name: "--" + _flag(name))
         if self.sentiment not in text_data.SENTIMENTS:
             raise UserInputError(f"--sentiment must be one of {', '.join(text_data.SENTIMENTS)}, got {self.sentiment}")
         if isinstance(self.explainer, dict):  # read back from a run's config.json

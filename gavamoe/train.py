@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from . import memory
-from .errors import CliParser, UserInputError, run_cli
+from .errors import CliParser, UserInputError, run_cli, writable_out
 from .models.explainer import ExplainerConfig
 from .runs import DataSpec, Run
 from .stage1 import Stage1Config, train_stage1
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         return _dry_run(args, stage2, spec)
     if stage2 is not None:
         stage2.check_launch()
-    run = Run(args.out)
+    run = Run(writable_out(args.out))
     ctx = distributed_context(args.device, stage2.fsdp) if stage2 is not None else None
     main_rank = ctx is None or ctx.main
     if main_rank:

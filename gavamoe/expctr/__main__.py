@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import CliParser, UserInputError, run_cli
+from ..errors import CliParser, run_cli, writable_out
 from . import encoder as text_encoder
 from .ctr import CtrConfig
 from .data import planted_genres, read_movielens
@@ -93,13 +93,12 @@ def main(argv=None) -> int:
     ctr_config = CtrConfig(dim=args.ctr_dim, epochs=args.ctr_epochs, lr=args.ctr_lr, dropout=args.ctr_dropout,
                            patience=args.ctr_patience, validation=args.ctr_validation)
     text_encoder.resolve(args.encoder)
-    if args.out.exists() and not args.out.is_dir():
-        raise UserInputError(f"--out {args.out}: exists and is not a folder")
     if args.data == "synthetic":
         data = planted_genres(args.synthetic_users, args.synthetic_items, args.synthetic_warm_pairs,
                               args.synthetic_test_pairs, args.synthetic_cold_fraction, args.history, args.seed)
     else:
         data = read_movielens(args.data, args.test_fraction, args.history, args.cold_max)
+    writable_out(args.out)
     metrics = train(data, llm_config, ctr_config, config, args.encoder, args.out)
     print(json.dumps({k: metrics[k] for k in ("all", "cold", "rounds")}, indent=2))
     return 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserInputError, check_at_least_one
+from ..errors import UserInputError, check_at_least_one, check_finite
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CtrConfig:
     validation: float = 0.1  # fraction of the training pairs held out for early stopping
 
     def __post_init__(self):
+        check_finite(self, lambda name: "--ctr-" + name.replace("_", "-"))
         check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"),
                            lambda name: "--ctr-" + name.replace("_", "-"))
         if self.lr <= 0 or self.weight_decay < 0:

@@ -23,7 +23,7 @@ from torch import nn
 import gavamoe_kernels as gk
 
 from ..data.text import left_pad, train_tokenizer
-from ..errors import UserInputError, check_at_least_one
+from ..errors import UserInputError, check_at_least_one, check_finite
 from ..models.explainer import ExplainerConfig, add_lora, tiny_llama
 from ..progress import Progress
 from . import prompts
@@ -57,6 +57,7 @@ class LlmConfig:
     history_summary: bool = True
 
     def __post_init__(self):
+        check_finite(self)
         check_at_least_one(self, ("hidden_size", "num_layers", "num_heads", "dense_intermediate", "num_experts",
                                   "top_k", "num_clusters", "lora_rank", "max_new_tokens", "warmup_epochs",
                                   "batch_size"))

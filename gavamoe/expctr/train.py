@@ -27,7 +27,7 @@ import torch
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError, check_at_least_one, check_device
+from ..errors import UserInputError, check_at_least_one, check_device, check_finite
 from ..progress import Progress
 from . import ctr, prompts, rl
 from .data import CtrData
@@ -51,6 +51,7 @@ class RlConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
+        check_finite(self, lambda name: "--rl-lr" if name == "lr" else "--" + name.replace("_", "-"))
         check_at_least_one(self, ("rounds", "steps", "batch_pairs"))
         if self.group < 2:
             raise UserInputError(f"--group must be at least 2 (GRPO compares samples of one prompt), got {self.group}")

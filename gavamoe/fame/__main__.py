@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import CliParser, UserInputError, run_cli
+from ..errors import CliParser, run_cli, writable_out
 from .data import planted_facets, read_inter
 from .model import HEAD_MIXES, MODELS, SeqRecConfig
 from .train import TrainConfig, train
@@ -65,8 +65,6 @@ def main(argv=None) -> int:
                          args.device)
     SeqRecConfig(1, args.model, args.dim, args.num_layers, args.num_heads, args.num_experts, args.top_k,
                  args.head_mix, args.max_len, args.dropout)  # the flags, before the data is read
-    if args.out.exists() and not args.out.is_dir():
-        raise UserInputError(f"--out {args.out}: exists and is not a folder")
     if args.data == "synthetic":
         data = planted_facets(args.synthetic_users, args.synthetic_items, args.synthetic_facets,
                               args.synthetic_values, args.synthetic_length, seed=args.seed)
@@ -74,6 +72,7 @@ def main(argv=None) -> int:
         data = read_inter(args.data)
     model_config = SeqRecConfig(data.num_items, args.model, args.dim, args.num_layers, args.num_heads,
                                 args.num_experts, args.top_k, args.head_mix, args.max_len, args.dropout)
+    writable_out(args.out)
     metrics = train(data, model_config, config, args.out, list(sys.argv[1:] if argv is None else argv))
     summary = {k: metrics[k] for k in ("model", "test", "validation", "best_epoch", "popularity")}
     if "head_gate_nmi" in metrics:

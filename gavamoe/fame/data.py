@@ -100,6 +100,9 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
     if min(num_users, num_items, num_facets, values, length) < 1 or length < MIN_INTERACTIONS:
         raise UserInputError("--synthetic-users, -items, -facets, -values must be positive and --synthetic-length "
                              f"at least {MIN_INTERACTIONS}")
+    if values < 2:
+        raise UserInputError(f"--synthetic-values must be at least 2 (each user likes two values of its facet), "
+                             f"got {values}")
     rng = np.random.default_rng(seed)
     facets = rng.integers(0, values, (num_items, num_facets))
     by_value = [[np.flatnonzero(facets[:, f] == v) for v in range(values)] for f in range(num_facets)]

@@ -36,7 +36,7 @@ from torch import nn
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError, check_at_least_one
+from ..errors import UserInputError, check_at_least_one, check_finite
 
 MODELS = ("fame", "sasrec")
 HEAD_MIXES = ("logits", "probs")
@@ -56,6 +56,7 @@ class SeqRecConfig:
     dropout: float = 0.2
 
     def __post_init__(self):
+        check_finite(self)
         if self.model not in MODELS:
             raise UserInputError(f"--model must be one of {', '.join(MODELS)}, got {self.model}")
         if self.head_mix not in HEAD_MIXES:

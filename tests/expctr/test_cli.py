@@ -43,6 +43,15 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     assert not (out / "metrics.json").exists()
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):
+    """Before, the run trained for its minutes and then failed on --out with a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_cli("gavamoe.expctr", main, ["--out", str(blocker / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"gavamoe.expctr: error: --out {blocker / 'run'}: cannot write there ({blocker} is a file)", err
+
+
 @pytest.mark.parametrize("flag, value, choices", [
     ("--warmup-readings", "label", ("prompt", "random", "hedged")),
     ("--reward-form", "margin", ("prob", "logprob")),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import pickle
+import re
 import subprocess
 import sys
 
@@ -14,8 +16,12 @@ import torch
 
 from gavamoe import evaluate, generate, train
 from gavamoe.data import text as text_data
-from gavamoe.errors import run_cli
+from gavamoe.errors import UserInputError, run_cli, writable_out
+from gavamoe.fame.model import SeqRecConfig
+from gavamoe.fame.train import TrainConfig as FameTrainConfig
 from gavamoe.runs import Run
+from gavamoe.stage1 import Stage1Config
+from gavamoe.stage2 import Stage2Config
 
 TINY = ["--synthetic-users", "200", "--synthetic-items", "150", "--synthetic-records", "3000",
         "--embed-dim", "32", "--latent-dim", "8", "--pretrain-epochs", "1", "--epochs", "1", "--device", "cpu"]
@@ -94,6 +100,65 @@ def test_argparse_errors_are_one_line(capsys, tmp_path, module, flags, message):
     assert "\n" not in err and err.startswith("python -m gavamoe.") and ": error: " in err, err
     assert message in err or "the following arguments are required" in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("module", "flag"), [
+    ("gavamoe.train", "--lr"), ("gavamoe.train", "--alpha"),  # the parser's flags, a group's
+    ("gavamoe.fame", "--dropout"), ("gavamoe.expctr", "--synthetic-cold-fraction"), ("gavamoe.generate", "--top-p"),
+])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_float_flag_takes_finite_numbers_only(capsys, tmp_path, module, flag, value):
+    """NaN passes every range check (all its comparisons are false): --lr nan trained to NaN."""
+    main = importlib.import_module(module + ".__main__" if module in ("gavamoe.fame", "gavamoe.expctr")
+                                   else module).main
+    with pytest.raises(SystemExit) as exit:
+        main(["--out", str(tmp_path / "r"), f"{flag}={value}"])  # refused as read, before the required flags
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(f"argument {flag}: must be a finite number, got '{value}'"), err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: Stage1Config(lr=math.nan), "--lr must be a finite number, got nan"),
+    (lambda: Stage2Config(alpha=math.inf), "--alpha must be a finite number, got inf"),
+    (lambda: Stage2Config(lr=math.nan), "--stage2-lr must be a finite number, got nan"),
+    (lambda: SeqRecConfig(num_items=5, dropout=math.nan), "--dropout must be a finite number"),
+    (lambda: FameTrainConfig(lr=math.nan), "--lr must be a finite number"),
+])
+def test_configs_refuse_non_finite_numbers(make, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize(("module", "flags"), [
+    ("gavamoe.train", TINY), ("gavamoe.fame", ["--epochs", "1", "--device", "cpu"]),
+    ("gavamoe.fame.compare", ["--epochs", "1", "--device", "cpu"]), ("gavamoe.recovery", ["--quick"]),
+    ("gavamoe.demo", ["--device", "cpu"]), ("gavamoe.evaluate", ["--predictions", "p.jsonl"]),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, module, flags):
+    """Before, the FAME and ExpCTR commands trained and then failed on their --out with a traceback,
+    and the others failed with one."""
+    main = importlib.import_module(module + ".__main__" if module == "gavamoe.fame" else module).main
+    blocker = tmp_path / "file"
+    blocker.write_text("kept")
+    err = _error(capsys, module, main, ["--out", str(blocker / "run"), *flags])
+    # compare's runs check theirs (DIR/fame-seed0), after every flag; so no folder is made on a bad one
+    assert f"--out {blocker / 'run'}" in err and err.endswith(f": cannot write there ({blocker} is a file)"), err
+    assert blocker.read_text() == "kept"
+
+
+def test_writable_out(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("")
+    assert writable_out(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert writable_out(tmp_path / "c" / "m.json", folder=False) == tmp_path / "c" / "m.json"
+    assert (tmp_path / "c").is_dir() and not (tmp_path / "c" / "m.json").exists()  # the file is not made
+    for path, folder, message in ((file, True, "exists and is not a folder"), (tmp_path, False, "is a folder"),
+                                  (file / "m.json", False, f"cannot write there ({file} is a file)"),
+                                  (file / "a" / "b", True, f"cannot write there ({file} is a file)")):
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            writable_out(path, folder=folder)
 
 
 def test_refused_pickle_is_a_user_error(capsys, tmp_path):
