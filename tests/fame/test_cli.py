@@ -111,6 +111,7 @@ def test_a_batch_without_a_training_target_is_skipped_not_a_nan(tmp_path):
     (["--dropout", "1.5"], "--dropout must lie in [0, 1), got 1.5"),
     (["--data", "missing.inter"], "--data missing.inter: no such file"),
     (["--device", "tpu9"], "--device tpu9: not a device"),
+    (["--synthetic-values", "1"], "--synthetic-values must be at least 2 (each user likes two values"),
 ])
 def test_bad_flags_are_one_line_before_any_work(capsys, tmp_path, flags, message):
     out = tmp_path / "run"
