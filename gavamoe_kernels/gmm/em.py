@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,9 @@ def fit_gmm(z: torch.Tensor, num_components: int, max_iter: int = 100, tol: floa
         raise ValueError(f"z must have at least num_components={num_components} rows, got {n}")
     if not torch.isfinite(z).all():
         raise ValueError("z must be finite (no NaN or inf) to fit a mixture")
-    if not reg_covar >= 0:
-        raise ValueError(f"reg_covar must be non-negative, got {reg_covar}")
+    for name, value in (("tol", tol), ("reg_covar", reg_covar)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if reg_covar == 0:
         flat = (z.float().var(0) == 0).nonzero().flatten().tolist()
         if flat:

@@ -9,7 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .._checks import INDEX_DTYPES, check_index_range, check_positive_int
+from .._checks import INDEX_DTYPES, check_bool, check_index_range, check_positive_int
 from .ops import check_moe_inputs, moe_forward, resolve_moe_backend
 
 
@@ -60,7 +60,7 @@ class ClusterGatedMoE(nn.Module):
         self.top_k = check_positive_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         self.backend = backend
         H, I, E, C = hidden_size, intermediate_size, num_experts, num_clusters
         self.gate_weight = nn.Parameter(torch.empty(C, E, H, device=device, dtype=dtype))

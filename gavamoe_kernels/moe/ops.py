@@ -20,6 +20,7 @@ import torch
 from .._backend import resolve_backend
 from .._checks import (
     INDEX_DTYPES,
+    check_bool,
     check_dim,
     check_index_range,
     check_positive_int,
@@ -267,6 +268,7 @@ def route(hidden: torch.Tensor, gate_weight: torch.Tensor, cluster_ids: torch.Te
         Differentiable with respect to hidden and gate_weight (through weights and logits).
     """
     _check_route_inputs(hidden, gate_weight, cluster_ids, top_k)
+    check_bool("normalize", normalize)
     check_index_range("cluster_ids", cluster_ids, gate_weight.shape[0])
     name = resolve_moe_backend(hidden.device, hidden.dtype, backend, gate_weight.shape[1], top_k)
     weights, ids, logits = _route_fwd(hidden, gate_weight, cluster_ids, top_k, normalize, name)
@@ -302,6 +304,7 @@ def cluster_gated_moe(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weig
     """route() then moe_experts(): the whole MoE layer on (T, H) tokens; see both for shapes.
     Returns y (T, H) contiguous, in hidden's dtype."""
     check_moe_inputs(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k)
+    check_bool("normalize", normalize)
     check_index_range("cluster_ids", cluster_ids, gate_weight.shape[0])
     name = resolve_moe_backend(hidden.device, hidden.dtype, backend, gate_weight.shape[1], top_k)
     return moe_forward(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k, normalize, name)[0]

@@ -273,6 +273,9 @@ def test_fit_gmm_is_seeded_and_checks_input():
         gk.fit_gmm(torch.full((10, 2), float("nan")), 2)
     with pytest.raises(ValueError, match="num_components must be a positive int"):
         gk.fit_gmm(z, 0)
+    for tol in (-1.0, float("nan"), "1e-3"):  # a NaN tolerance never stops, a negative one neither
+        with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
+            gk.fit_gmm(z, 3, tol=tol)
 
 
 def test_fit_gmm_without_variance_floor_refuses_instead_of_nan():
@@ -280,8 +283,9 @@ def test_fit_gmm_without_variance_floor_refuses_instead_of_nan():
     z[:, 2] = 1.5  # a dimension with zero variance
     with pytest.raises(ValueError, match=r"zero variance in dimension\(s\) \[2\]"):
         gk.fit_gmm(z, 3, reg_covar=0.0)
-    with pytest.raises(ValueError, match="reg_covar must be non-negative"):
-        gk.fit_gmm(z, 3, reg_covar=-1e-3)
+    for value in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"reg_covar must be a finite number >= 0"):
+            gk.fit_gmm(z, 3, reg_covar=value)
     params = gk.fit_gmm(z, 3)  # the default floor keeps it finite
     assert all(torch.isfinite(t).all() for t in (params.log_pi, params.mu, params.logvar))
     collapsing = _blobs(300, 4, 3)

@@ -53,6 +53,8 @@ def test_bad_layer_arguments_raise():
         make_layer(top_k=6)
     with pytest.raises(ValueError, match="num_experts must be a positive int"):
         make_layer(num_experts=0)
+    with pytest.raises(ValueError, match="normalize must be a bool, got 1"):
+        make_layer(normalize=1)
     with pytest.raises(ValueError, match=r"hidden_states must have shape \(\.\.\., 24\)"):
         make_layer()(torch.randn(4, 23, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match="cluster_ids must be an int32/int64 tensor"):

@@ -152,6 +152,7 @@ def _bad_route_cases():
         "ids-negative": (dict(cluster_ids=cids - 3), "cluster_ids must hold values in [0, 3)"),
         "top_k-zero": (dict(top_k=0), "top_k must be a positive int"),
         "top_k-large": (dict(top_k=5), "top_k must be in [1, E=4]"),
+        "normalize-str": (dict(normalize="yes"), "normalize must be a bool, got 'yes'"),  # was the op's RuntimeError
         "dtype-mix": (dict(gate_weight=gate.double()), "gate_weight must have dtype"),
         "int-hidden": (dict(hidden=hidden.long()), "hidden must have dtype"),
         "mixed-dtype": (dict(gate_weight=gate.half()), "gate_weight has dtype"),
