@@ -76,9 +76,10 @@ def check_finite(config, flag: Callable[[str], str] = lambda name: "--" + name.r
 
 
 def writable_out(path: Path, flag: str = "--out", folder: bool = True) -> Path:
-    """Check, before any work, that the command can write its output: the folder ``path``
-    (``folder``) or the file ``path`` is created or can be; its folder is made. So a path that
-    cannot be written is one line at once, not a traceback after the training it would have kept."""
+    """Check, before any work, that the command can write its output, the folder ``path`` (with
+    ``folder=False`` the file ``path``): that folder (the file's folder) is made now and must be
+    writable; the file itself is not created. So a path that cannot be written is one line at
+    once, not a traceback after the training whose results it was to keep."""
     where = path if folder else path.parent
     if folder and path.exists() and not path.is_dir():
         raise UserInputError(f"{flag} {path}: exists and is not a folder")
