@@ -35,9 +35,9 @@ class CtrConfig:
     validation: float = 0.1  # fraction of the training pairs held out for early stopping
 
     def __post_init__(self):
-        check_finite(self, lambda name: "--ctr-" + name.replace("_", "-"))
-        check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"),
-                           lambda name: "--ctr-" + name.replace("_", "-"))
+        flag = lambda name: "--ctr-" + name.replace("_", "-")
+        check_finite(self, flag)
+        check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"), flag)
         if self.lr <= 0 or self.weight_decay < 0:
             raise UserInputError(f"--ctr-lr must be positive and --ctr-weight-decay non-negative, got {self.lr}, "
                                  f"{self.weight_decay}")
