@@ -108,7 +108,7 @@ class ClusterGatedMoE(nn.Module):
         if autocast:
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, w_gate_up, w_down = (p.to(x.dtype) for p in (self.gate_weight, self.w_gate_up, self.w_down))
-        check_moe_inputs(x, ids, gate, w_gate_up, w_down, self.top_k)
+        check_moe_inputs(x, ids, gate, w_gate_up, w_down, self.top_k, self.normalize)
         check_index_range("cluster_ids", cluster_ids, self.num_clusters)
         backend = resolve_moe_backend(x.device, x.dtype, self.backend, self.num_experts, self.top_k)
         # the backends run in the dtype they are given: autocast stays outside (the cast above is its)

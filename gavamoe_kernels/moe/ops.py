@@ -166,7 +166,7 @@ torch.library.register_autograd("gavamoe_kernels::experts_fwd", _experts_backwar
 # ---- checks of user input -------------------------------------------------------------------
 
 def _check_route_inputs(hidden: torch.Tensor, gate_weight: torch.Tensor, cluster_ids: torch.Tensor,
-                        top_k: int) -> None:
+                        top_k: int, normalize: bool) -> None:
     check_tensor("hidden", hidden, "(T, H)", 2)
     check_tensor("gate_weight", gate_weight, "(C, E, H)", 3)
     T, H = hidden.shape
@@ -178,6 +178,7 @@ def _check_route_inputs(hidden: torch.Tensor, gate_weight: torch.Tensor, cluster
     check_same_dtype("hidden", hidden, gate_weight=gate_weight)
     if C == 0 or E == 0:
         raise ValueError(f"gate_weight must have shape (C, E, H) with C, E >= 1, got {tuple(gate_weight.shape)}")
+    check_bool("normalize", normalize)
     check_positive_int("top_k", top_k)
     if top_k > E:
         raise ValueError(f"top_k must be in [1, E={E}], got {top_k}")
@@ -223,10 +224,10 @@ def _check_experts_inputs(hidden: torch.Tensor, topk_weights: torch.Tensor, topk
 
 
 def check_moe_inputs(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weight: torch.Tensor,
-                     w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int) -> None:
+                     w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int, normalize: bool) -> None:
     """Everything of the whole layer's input but the range of the cluster ids, which the caller
     checks on the tensor the user gave (check_index_range remembers tensors that passed)."""
-    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k)
+    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k, normalize)
     _check_expert_weights(hidden, w_gate_up, w_down)
     if gate_weight.shape[1] != w_gate_up.shape[0]:
         raise ValueError(f"gate_weight has E={gate_weight.shape[1]} experts but w_gate_up has {w_gate_up.shape[0]}")
@@ -267,8 +268,7 @@ def route(hidden: torch.Tensor, gate_weight: torch.Tensor, cluster_ids: torch.Te
         logits[t] = gate_weight[cluster_ids[t]] @ hidden[t]; ties go to the lower expert id.
         Differentiable with respect to hidden and gate_weight (through weights and logits).
     """
-    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k)
-    check_bool("normalize", normalize)
+    _check_route_inputs(hidden, gate_weight, cluster_ids, top_k, normalize)
     check_index_range("cluster_ids", cluster_ids, gate_weight.shape[0])
     name = resolve_moe_backend(hidden.device, hidden.dtype, backend, gate_weight.shape[1], top_k)
     weights, ids, logits = _route_fwd(hidden, gate_weight, cluster_ids, top_k, normalize, name)
@@ -303,8 +303,7 @@ def cluster_gated_moe(hidden: torch.Tensor, cluster_ids: torch.Tensor, gate_weig
                       backend: str | None = None) -> torch.Tensor:
     """route() then moe_experts(): the whole MoE layer on (T, H) tokens; see both for shapes.
     Returns y (T, H) contiguous, in hidden's dtype."""
-    check_moe_inputs(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k)
-    check_bool("normalize", normalize)
+    check_moe_inputs(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k, normalize)
     check_index_range("cluster_ids", cluster_ids, gate_weight.shape[0])
     name = resolve_moe_backend(hidden.device, hidden.dtype, backend, gate_weight.shape[1], top_k)
     return moe_forward(hidden, cluster_ids, gate_weight, w_gate_up, w_down, top_k, normalize, name)[0]
