@@ -32,17 +32,17 @@ def finite_float(text: str) -> float:
 
 
 class CliParser(argparse.ArgumentParser):
-    """The commands' argument parser: a bad flag is one line, ``prog: error: message``, and exit
-    status 2, like every other user error (argparse would print the whole usage first);
-    ``--help`` still prints it. A ``type=float`` flag, in the parser or a group of it, takes
-    finite numbers only."""
+    """The commands' argument parser: a bad flag is one line, ``gavamoe.X: error: message``, and
+    exit status 2, like every other user error (argparse would print the whole usage first; the
+    prefix is ``run_cli``'s, without the ``python -m`` of the usage line); ``--help`` still prints
+    it. A ``type=float`` flag, in the parser or a group of it, takes finite numbers only."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)  # argparse looks a flag's type up here; groups share it
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog.removeprefix('python -m ')}: error: {message}\n")
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

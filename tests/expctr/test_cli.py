@@ -63,7 +63,7 @@ def test_bad_choices_are_one_line_and_exit_2(tmp_path, capsys, flag, value, choi
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     # argparse quotes the choices differently across Python versions; the line names each one
-    assert err.startswith(f"python -m gavamoe.expctr: error: argument {flag}: invalid choice: "), err
+    assert err.startswith(f"gavamoe.expctr: error: argument {flag}: invalid choice: "), err
     assert "\n" not in err and value in err and all(c in err for c in choices), err
     assert not out.exists()
 
