@@ -74,6 +74,14 @@ def expect_refusal(backend: str, dtype: torch.dtype):
         yield True
 
 
+def child_env(*drop: str, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that must not think it is inside this pytest run
+    (an xdist worker's ``PYTEST_*`` variables make a child pytest act as a worker too), without the
+    variables ``drop`` and with ``extra`` set."""
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST_")}
+    return {**env, **extra}
+
+
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc_per_node NPROC -m gavamoe.train ARGS``,
     one thread per process; asserts that it exits 0 and returns it.

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from benchmarks import report, runbook
+from tests.helpers import child_env
 
 
 def _row(case, impl, role, seconds, checked=True, **extra):
@@ -169,8 +170,7 @@ def test_an_interrupted_benchmark_run_keeps_the_rows_it_finished(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.conftest",
                            str(tmp_path / "bench_toy.py"), "--benchmark", f"--results={results}",
                            f"--rootdir={tmp_path}"], cwd=runbook.ROOT, capture_output=True, text=True,
-                          env={**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},
-                               "PYTHONPATH": str(runbook.ROOT)})  # not as an xdist worker: that one saves nothing
+                          env=child_env(PYTHONPATH=str(runbook.ROOT)))  # not as an xdist worker: that one saves nothing
     assert proc.returncode == 2, proc.stdout[-2000:]  # interrupted
     saved = json.loads((results / f"{runbook._slug()}-toy.json").read_text())
     assert [row["extra_info"]["impl"] for row in saved["benchmarks"]] == ["impl0", "impl1"]

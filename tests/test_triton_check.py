@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import triton_check as tc
 from gavamoe_kernels._backend import triton_installed
+from tests.helpers import child_env
 
 pytestmark = pytest.mark.skipif(not triton_installed(), reason="Triton is not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,17 +72,12 @@ if __name__ == "__main__":  # the compile workers are spawned and import this fi
 '''
 
 
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
-    return {**env, **extra}
-
-
 @pytest.mark.slow
 def test_toy_launches_are_recorded_compiled_and_judged(tmp_path):
     (tmp_path / "toy_kernels.py").write_text(TOY)
     (tmp_path / "driver.py").write_text(DRIVER)
     done = subprocess.run([sys.executable, str(tmp_path / "driver.py")], capture_output=True, text=True, timeout=600,
-                          env=_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), cwd=tmp_path)
+                          env=child_env("TRITON_INTERPRET", PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout)
     rows = {(r["name"], r["constexprs"].get("BLOCK"), r["launches"][0]): r for r in out["rows"]}
@@ -134,8 +130,8 @@ def test_the_private_cache_leaves_the_callers_setting(monkeypatch):
 
 
 def test_refusals_are_one_line_with_status_2():
-    for env, flags, message in ((_env(TRITON_INTERPRET="1"), [], "unset TRITON_INTERPRET"),
-                                (_env(), ["--workers", "0"], "--workers must be at least 1")):
+    for env, flags, message in ((child_env("TRITON_INTERPRET", TRITON_INTERPRET="1"), [], "unset TRITON_INTERPRET"),
+                                (child_env("TRITON_INTERPRET"), ["--workers", "0"], "--workers must be at least 1")):
         done = subprocess.run([sys.executable, "-m", "benchmarks.triton_check", *flags], capture_output=True,
                               text=True, env=env, cwd=ROOT, timeout=120)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
