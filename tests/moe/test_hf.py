@@ -185,6 +185,34 @@ def test_restore_dense_mlp_is_the_way_back(kind):
     torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_save_pretrained_then_patch_and_load_gives_the_same_model(tmp_path, kind):
+    """The README's recipe: save_pretrained writes the MoE weights (and not the dense MLPs kept
+    for restore_dense_mlp); the base class loads it, replace_mlp_with_moe with the same sizes and
+    init='random' makes room, and load_state_dict fills every parameter (strict=False only for a
+    tied output head, which the file does not repeat)."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = moe_model(kind)
+    with torch.no_grad():  # trained-looking gates, so the reload is not equal by its init
+        for module in model.modules():
+            if isinstance(module, gk.ClusterGatedMoE):
+                module.gate_weight.normal_()
+    ids, mask = left_padded(PROMPTS)
+    clusters = torch.tensor(CLUSTERS, device=DEVICE)
+    want = model(input_ids=ids, attention_mask=mask, cluster_ids=clusters).logits
+    model.save_pretrained(tmp_path)
+    saved = safetensors.load_file(tmp_path / "model.safetensors")
+    assert any(".moe.w_gate_up" in k for k in saved) and not any(".mlp.down_proj" in k or ".mlp.c_fc" in k
+                                                                for k in saved)
+    loaded = type(model).from_pretrained(tmp_path).to(DEVICE).eval()
+    gk.replace_mlp_with_moe(loaded, num_experts=4, num_clusters=3, top_k=2, init="random")
+    missing, unexpected = loaded.load_state_dict(saved, strict=False)
+    assert unexpected == [] and missing == (["lm_head.weight"] if kind == "gpt2" else []), (missing, unexpected)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight or kind == "llama"
+    got = loaded(input_ids=ids, attention_mask=mask, cluster_ids=clusters).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not runnable here")
 def test_llama_on_the_triton_backend_matches_torch():
     model = moe_model("llama")
