@@ -85,6 +85,8 @@ def fit_gmm(z: torch.Tensor, num_components: int, max_iter: int = 100, tol: floa
     check_tensor("z", z, "(N, D)", 2)
     check_positive_int("num_components", num_components)
     check_positive_int("max_iter", max_iter)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     n = z.shape[0]
     if n < num_components:
         raise ValueError(f"z must have at least num_components={num_components} rows, got {n}")
@@ -101,7 +103,7 @@ def fit_gmm(z: torch.Tensor, num_components: int, max_iter: int = 100, tol: floa
     x = z.float()
     centre = x.mean(0)
     x = x - centre
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(seed))
     labels = _kmeans(x, _kmeans_pp(x, num_components, generator), iters=10)
     resp = torch.nn.functional.one_hot(labels, num_components).to(x.dtype)
     log_pi, mu, logvar = _m_step(x, resp, reg_covar)

@@ -265,7 +265,9 @@ def test_fit_gmm_reaches_sklearn_likelihood(backend):
 
 def test_fit_gmm_is_seeded_and_checks_input():
     z = _blobs(500, 5, 3)
+    rng = torch.get_rng_state()
     a, b = gk.fit_gmm(z, 3, seed=1), gk.fit_gmm(z, 3, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator
     assert torch.equal(a.mu, b.mu) and a.lower_bound == b.lower_bound
     with pytest.raises(ValueError, match="at least num_components"):
         gk.fit_gmm(z[:2], 3)
@@ -276,6 +278,9 @@ def test_fit_gmm_is_seeded_and_checks_input():
     for tol in (-1.0, float("nan"), "1e-3"):  # a NaN tolerance never stops, a negative one neither
         with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
             gk.fit_gmm(z, 3, tol=tol)
+    for seed in (1.5, "0", -1, True):
+        with pytest.raises(ValueError, match="seed must be an int >= 0"):
+            gk.fit_gmm(z, 3, seed=seed)
 
 
 def test_fit_gmm_without_variance_floor_refuses_instead_of_nan():
