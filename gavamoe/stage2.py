@@ -89,6 +89,9 @@ class Stage2Config:
             self.explainer = ExplainerConfig(**self.explainer)
         check_at_least_one(self, ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
                                   "checkpoint_every"), lambda name: "--" + _flag(name))
+        if self.explainer.base_model is None and self.vocab_size < text_data.MIN_VOCAB:
+            raise UserInputError(f"--vocab-size must be at least {text_data.MIN_VOCAB} (the 256 byte symbols and "
+                                 f"{len(text_data.SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
         if not 0 <= self.alpha <= 1:
             raise UserInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
         for name in ("beta", "aux_coef", "clip", "weight_decay", "stop_after"):

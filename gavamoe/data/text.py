@@ -28,6 +28,8 @@ INSTRUCTION = ("The user has a {sentiment} experience with the item, the item ha
                "please provide an explanation for recommending {item} to {user}.")
 USER_TOKEN, ITEM_TOKEN = "<user>", "<item>"
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, USER_TOKEN, ITEM_TOKEN)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # train_tokenizer's byte alphabet and special tokens
 IGNORE = -100  # label of prompt and padding positions: no loss there
 
 
@@ -94,7 +96,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4000):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [PAD, BOS, EOS, UNK, USER_TOKEN, ITEM_TOKEN]
+    specials = list(SPECIAL_TOKENS)
     core = Tokenizer(models.BPE(unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

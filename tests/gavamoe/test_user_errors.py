@@ -50,6 +50,7 @@ def _error(capsys, prog, main, argv) -> str:
     (["--encoder-dim", "0"], "--encoder-dim must be at least 1, got 0"),
     (["--encoder-dim", "100"], "--encoder-dim must be a multiple of the encoder's 8 heads, got 100"),
     (["--stage2-epochs", "0"], "--stage2-epochs must be at least 1"),
+    (["--vocab-size", "100"], "--vocab-size must be at least 262 (the 256 byte symbols and 6 special tokens), got 100"),
     (["--base-model", "./no/such/model"], "--base-model ./no/such/model: no such folder"),
     (["--data", "missing.pickle"], "--data missing.pickle: no such file"),
     (["--device", "tpu9"], "--device tpu9: not a device"),
