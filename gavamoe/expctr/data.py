@@ -23,6 +23,7 @@ prompt names the target's genres (the README measures 120 items beside it).
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,8 @@ def read_movielens(folder: str | Path, test_fraction: float = 0.2, history: int 
                 rating, when = float(row[cols["rating"]]), float(row[cols["time"]])
             except (ValueError, IndexError):
                 raise UserInputError(f"{path}:{line}: rating and timestamp must be numbers, got {row}") from None
+            if not (math.isfinite(rating) and math.isfinite(when)):  # NaN: no label, no place in time
+                raise UserInputError(f"{path}:{line}: rating and timestamp must be finite numbers, got {row}")
             if row[cols["item"]] not in movies:
                 raise UserInputError(f"{path}:{line}: item {row[cols['item']]} is not in movies.csv")
             events.append((when, line, row[cols["user"]], row[cols["item"]], rating))

@@ -15,6 +15,7 @@ the validation target, the rest the training sequence; every model input is the 
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def read_inter(path: str | Path) -> Sequences:
                 when = float(row[t]) if t is not None else float(line)
             except ValueError:
                 raise UserInputError(f"{path}:{line}: timestamp {row[t]!r} is not a number") from None
+            if not math.isfinite(when):  # a NaN would sort its user's sequence arbitrarily
+                raise UserInputError(f"{path}:{line}: timestamp {row[t]!r} is not a finite number")
             events.setdefault(row[u], []).append((when, line, row[i]))
     ids: dict[str, int] = {}
     users, items, dropped = [], [], 0

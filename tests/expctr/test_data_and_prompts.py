@@ -36,10 +36,12 @@ def test_movielens_labels_time_split_history_and_cold(tmp_path):
 
 @pytest.mark.parametrize("ratings, movies, message", [
     ("userId,movieId,rating,timestamp\nu1,10,x,1\nu1,20,4,2\n", None, "ratings.csv:2"),
+    ("userId,movieId,rating,timestamp\nu1,10,4,1\nu1,20,nan,2\n", None, "ratings.csv:3: .* must be finite"),
+    ("userId,movieId,rating,timestamp\nu1,10,4,inf\nu1,20,4,2\n", None, "ratings.csv:2: .* must be finite"),
     ("userId,movieId,rating,timestamp\nu1,99,4,1\nu1,20,4,2\n", None, "item 99 is not in movies.csv"),
     ("user,movie,rating,timestamp\nu1,10,4,1\n", None, "no movieId or item column"),
     ("userId,movieId,rating,timestamp\nu1,10,4,1\n", None, "fewer than 2 ratings"),
-], ids=["rating", "item", "header", "too-few"])
+], ids=["rating", "nan-rating", "inf-time", "item", "header", "too-few"])
 def test_movielens_errors_name_the_file_and_line(tmp_path, ratings, movies, message):
     with pytest.raises(UserInputError, match=message):
         read_movielens(_folder(tmp_path, ratings, movies))

@@ -66,6 +66,7 @@ def test_inter_file_orders_by_time_and_splits_leave_one_out(tmp_path):
     ("user_id:token\ttimestamp:float\nu\t1\n", "no item_id column"),
     ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\n", ":2: 2 fields, the header has 3"),
     ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\tsoon\n", ":2: timestamp 'soon' is not a number"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu\ta\t1\nu\tb\tnan\n", ":3: timestamp 'nan' is not a finite"),
     ("user_id:token\titem_id:token\nu\ta\n", "no user has 3 or more interactions"),
 ])
 def test_bad_inter_files_name_the_problem(tmp_path, text, message):
