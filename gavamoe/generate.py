@@ -88,8 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserInputError(f"--limit must be non-negative, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if (args.temperature is not None and args.temperature <= 0) or not 0 < args.top_p <= 1:
-        raise UserInputError("--temperature must be positive and --top-p in (0, 1]")
+    if args.temperature is not None and args.temperature <= 0:
+        raise UserInputError(f"--temperature must be positive, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserInputError(f"--top-p must lie in (0, 1], got {args.top_p}")
     check_device(args.device)
     return args
 

@@ -260,6 +260,20 @@ def test_stale_stage2_is_refused_after_stage1_is_retrained(capsys, run, tmp_path
     assert "stage 2 was trained on an earlier stage 1" in err and not (tmp_path / "q.jsonl").exists()
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+    (["--top-p", "1.5"], "--top-p must lie in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--limit", "-3"], "--limit must be non-negative, got -3"),
+])
+def test_generate_flags_are_checked_before_the_run_is_read(capsys, tmp_path, flags, message):
+    err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(tmp_path / "none"),
+                                                              "--out", str(tmp_path / "p.jsonl"), *flags])
+    assert err == f"gavamoe.generate: error: {message}", err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_generate_checks_out_and_max_new_tokens_first(capsys, run, tmp_path):
     err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(run), "--out", str(tmp_path / "p.jsonl"),
                                                               "--max-new-tokens", "0"])
