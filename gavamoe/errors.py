@@ -56,8 +56,12 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int], argv: list[str] 
         return 2
 
 
-def check_at_least_one(config, names: tuple[str, ...],
-                       flag: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> None:
+def flag_of(name: str) -> str:
+    """The flag of a config field: ``weight_decay`` -> ``--weight-decay``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_at_least_one(config, names: tuple[str, ...], flag: Callable[[str], str] = flag_of) -> None:
     """Each field ``names`` of ``config`` must be at least 1 (None, a field left to its default
     rule, passes); the error names the flag, ``flag(name)``."""
     for name in names:
@@ -66,7 +70,27 @@ def check_at_least_one(config, names: tuple[str, ...],
             raise UserInputError(f"{flag(name)} must be at least 1, got {value}")
 
 
-def check_finite(config, flag: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> None:
+# what check_ranges accepts: the range's words in the error -> the test
+RANGES: dict[str, Callable[[float], bool]] = {
+    "be positive": lambda v: v > 0,
+    "be non-negative": lambda v: v >= 0,
+    "lie in [0, 1]": lambda v: 0 <= v <= 1,
+    "lie in [0, 1)": lambda v: 0 <= v < 1,
+    "lie in (0, 1)": lambda v: 0 < v < 1,
+}
+
+
+def check_ranges(config, ranges: dict[str, str], flag: Callable[[str], str] = flag_of) -> None:
+    """Each field of ``config`` named in ``ranges`` must be in its range, a key of RANGES (None, a
+    field left to its default rule, passes); the error names that one flag and its value:
+    ``--lr must be positive, got 0.0``."""
+    for name, words in ranges.items():
+        value = getattr(config, name)
+        if value is not None and not RANGES[words](value):
+            raise UserInputError(f"{flag(name)} must {words}, got {value}")
+
+
+def check_finite(config, flag: Callable[[str], str] = flag_of) -> None:
     """Every float field of the dataclass ``config`` must be finite: a NaN passes every range
     check after it and trains to NaN. The error names the flag, ``flag(name)``."""
     for f in dataclasses.fields(config):

@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed < 0:
+        raise UserInputError(f"--seed must be non-negative, got {args.seed}")
     if args.limit is not None and args.limit < 0:
         raise UserInputError(f"--limit must be non-negative, got {args.limit}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

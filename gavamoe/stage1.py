@@ -22,7 +22,7 @@ import gavamoe_kernels as gk
 
 from . import plots
 from .data import ReviewData
-from .errors import UserInputError, check_at_least_one, check_device, check_finite
+from .errors import UserInputError, check_at_least_one, check_device, check_finite, check_ranges
 from .metrics import adjusted_rand_index, mae, rmse, user_majority_ari
 from .models import VaeGmm, VaeGmmConfig
 from .models.vae_gmm import USER_CODES, group_by_user
@@ -74,15 +74,10 @@ class Stage1Config:
         check_finite(self)
         check_at_least_one(self, ("num_clusters", "embed_dim", "latent_dim", "encoder_dim", "batch_size",
                                   "pretrain_batch_size", "beta_step_epochs", "gmm_restarts"))
-        for name in ("pretrain_epochs", "epochs", "beta", "weight_decay", "lr_step_epochs", "beta_start",
-                     "beta_step", "context_ratings"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UserInputError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(self, name)}")
-        for name in ("lr", "pretrain_lr", "lr_step_gamma", "recon_scale"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UserInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.history_dropout < 1:
-            raise UserInputError(f"--history-dropout must lie in [0, 1), got {self.history_dropout}")
+        check_ranges(self, {**dict.fromkeys(("pretrain_epochs", "epochs", "beta", "weight_decay", "lr_step_epochs",
+                                             "beta_start", "beta_step", "context_ratings", "seed"), "be non-negative"),
+                            **dict.fromkeys(("lr", "pretrain_lr", "lr_step_gamma", "recon_scale"), "be positive"),
+                            "history_dropout": "lie in [0, 1)"})
         if self.user_code not in USER_CODES:
             raise UserInputError(f"--user-code must be one of {', '.join(USER_CODES)}, got {self.user_code!r}")
         heads = VaeGmmConfig.num_heads

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from . import memory, plots, scaling
 from .data import ReviewData
 from .data import text as text_data
-from .errors import UserInputError, check_at_least_one, check_device, check_finite
+from .errors import UserInputError, check_at_least_one, check_device, check_finite, check_ranges
 from .models import VaeGmm
 from .models.explainer import Explainer, ExplainerConfig, load_language_model, load_tokenizer
 from .progress import Progress
@@ -82,25 +82,20 @@ class Stage2Config:
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
-        check_finite(self, lambda name: "--" + _flag(name))
+        flag = lambda name: "--" + _flag(name)
+        check_finite(self, flag)
         if self.sentiment not in text_data.SENTIMENTS:
             raise UserInputError(f"--sentiment must be one of {', '.join(text_data.SENTIMENTS)}, got {self.sentiment}")
         if isinstance(self.explainer, dict):  # read back from a run's config.json
             self.explainer = ExplainerConfig(**self.explainer)
         check_at_least_one(self, ("epochs", "batch_size", "grad_accum", "max_explanation_tokens", "vocab_size",
-                                  "checkpoint_every"), lambda name: "--" + _flag(name))
+                                  "checkpoint_every"), flag)
         if self.explainer.base_model is None and self.vocab_size < text_data.MIN_VOCAB:
             raise UserInputError(f"--vocab-size must be at least {text_data.MIN_VOCAB} (the 256 byte symbols and "
                                  f"{len(text_data.SPECIAL_TOKENS)} special tokens), got {self.vocab_size}")
-        if not 0 <= self.alpha <= 1:
-            raise UserInputError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        for name in ("beta", "aux_coef", "clip", "weight_decay", "stop_after"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"--{_flag(name)} must be non-negative, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise UserInputError(f"--stage2-lr must be positive, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserInputError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        check_ranges(self, {"alpha": "lie in [0, 1]", "lr": "be positive", "warmup_ratio": "lie in [0, 1)",
+                            **dict.fromkeys(("beta", "aux_coef", "clip", "weight_decay", "stop_after", "seed"),
+                                            "be non-negative")}, flag)
         if self.cpu_offload and not self.fsdp:
             raise UserInputError("--cpu-offload is FSDP's: give --fsdp with it")
         check_device(self.device)

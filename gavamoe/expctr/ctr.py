@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserInputError, check_at_least_one, check_finite
+from ..errors import UserInputError, check_at_least_one, check_finite, check_ranges
 
 
 @dataclass
@@ -38,12 +38,8 @@ class CtrConfig:
         flag = lambda name: "--ctr-" + name.replace("_", "-")
         check_finite(self, flag)
         check_at_least_one(self, ("dim", "hidden", "epochs", "batch_size"), flag)
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise UserInputError(f"--ctr-lr must be positive and --ctr-weight-decay non-negative, got {self.lr}, "
-                                 f"{self.weight_decay}")
-        if self.patience < 0 or not 0 < self.validation < 1 or not 0 <= self.dropout < 1:
-            raise UserInputError(f"--ctr-patience must be non-negative, --ctr-validation in (0, 1) and --ctr-dropout "
-                                 f"in [0, 1), got {self.patience}, {self.validation}, {self.dropout}")
+        check_ranges(self, {"lr": "be positive", "weight_decay": "be non-negative", "patience": "be non-negative",
+                            "validation": "lie in (0, 1)", "dropout": "lie in [0, 1)"}, flag)
 
 
 @dataclass

@@ -90,13 +90,14 @@ def _cold(users: np.ndarray, train: np.ndarray, num_users: int, cold_max: int) -
 def planted_genres(num_users: int = 300, num_items: int = 300, warm_pairs: int = 30, test_pairs: int = 6,
                    cold_fraction: float = 0.3, history: int = 10, seed: int = 0) -> CtrData:
     """Synthetic pairs with planted liked and disliked genres (see the module docstring)."""
-    for name, value in (("users", num_users), ("items", num_items), ("test_pairs", test_pairs),
-                        ("history", history)):
+    for flag, value in (("--synthetic-users", num_users), ("--synthetic-items", num_items),
+                        ("--synthetic-test-pairs", test_pairs), ("--history", history)):
         if value < 1:
-            raise UserInputError(f"--synthetic-{name.replace('_', '-')} must be at least 1, got {value}")
-    if warm_pairs < 0 or not 0 <= cold_fraction <= 1:
-        raise UserInputError(f"--synthetic-warm-pairs must be >= 0 and --synthetic-cold-fraction in [0, 1], got "
-                             f"{warm_pairs}, {cold_fraction}")
+            raise UserInputError(f"{flag} must be at least 1, got {value}")
+    if warm_pairs < 0:
+        raise UserInputError(f"--synthetic-warm-pairs must be non-negative, got {warm_pairs}")
+    if not 0 <= cold_fraction <= 1:
+        raise UserInputError(f"--synthetic-cold-fraction must lie in [0, 1], got {cold_fraction}")
     if history + warm_pairs + test_pairs > num_items:
         raise UserInputError(f"a user rates {history + warm_pairs + test_pairs} distinct items, more than "
                              f"--synthetic-items={num_items}")
@@ -144,7 +145,11 @@ def read_movielens(folder: str | Path, test_fraction: float = 0.2, history: int 
         raise UserInputError(f"--data {folder}: no such folder (give 'synthetic' or a folder with ratings.csv and "
                              "movies.csv)")
     if not 0 < test_fraction < 1:
-        raise UserInputError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+        raise UserInputError(f"--test-fraction must lie in (0, 1), got {test_fraction}")
+    if history < 1:
+        raise UserInputError(f"--history must be at least 1, got {history}")
+    if cold_max < 0:
+        raise UserInputError(f"--cold-max must be non-negative, got {cold_max}")
     for name in ("ratings.csv", "movies.csv"):
         if not (folder / name).is_file():
             raise UserInputError(f"--data {folder}: no {name} in the folder")

@@ -23,7 +23,7 @@ from torch import nn
 import gavamoe_kernels as gk
 
 from ..data.text import left_pad, train_tokenizer
-from ..errors import UserInputError, check_at_least_one, check_finite
+from ..errors import UserInputError, check_at_least_one, check_finite, check_ranges
 from ..models.explainer import ExplainerConfig, add_lora, tiny_llama
 from ..progress import Progress
 from . import prompts
@@ -63,11 +63,8 @@ class LlmConfig:
                                   "batch_size"))
         if self.top_k > self.num_experts:
             raise UserInputError(f"--top-k must be at most --num-experts={self.num_experts}, got {self.top_k}")
-        if self.warmup_lr <= 0:
-            raise UserInputError(f"--warmup-lr must be positive, got {self.warmup_lr}")
-        for name in ("warmup_prior", "warmup_hedge"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserInputError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        check_ranges(self, {"warmup_lr": "be positive", "warmup_prior": "lie in [0, 1]",
+                            "warmup_hedge": "lie in [0, 1]"})
         if self.warmup_readings not in prompts.WARMUP_READINGS:
             raise UserInputError(f"--warmup-readings must be one of {', '.join(prompts.WARMUP_READINGS)}, got "
                                  f"{self.warmup_readings}")

@@ -27,7 +27,7 @@ import torch
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError, check_at_least_one, check_device, check_finite
+from ..errors import UserInputError, check_at_least_one, check_device, check_finite, check_ranges, flag_of
 from ..progress import Progress
 from . import ctr, prompts, rl
 from .data import CtrData
@@ -51,13 +51,13 @@ class RlConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
     def __post_init__(self):
-        check_finite(self, lambda name: "--rl-lr" if name == "lr" else "--" + name.replace("_", "-"))
+        flag = lambda name: "--rl-lr" if name == "lr" else flag_of(name)
+        check_finite(self, flag)
         check_at_least_one(self, ("rounds", "steps", "batch_pairs"))
         if self.group < 2:
             raise UserInputError(f"--group must be at least 2 (GRPO compares samples of one prompt), got {self.group}")
-        if self.lr <= 0 or self.kl_coef < 0 or self.temperature <= 0:
-            raise UserInputError(f"--rl-lr and --temperature must be positive and --kl-coef non-negative, got "
-                                 f"{self.lr}, {self.temperature}, {self.kl_coef}")
+        check_ranges(self, {"lr": "be positive", "temperature": "be positive", "kl_coef": "be non-negative",
+                            "seed": "be non-negative"}, flag)
         if self.reward_form not in rl.REWARD_FORMS:
             raise UserInputError(f"--reward-form must be one of {', '.join(rl.REWARD_FORMS)}, got {self.reward_form}")
         check_device(self.device)

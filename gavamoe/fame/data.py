@@ -100,12 +100,14 @@ def planted_facets(num_users: int = 1000, num_items: int = 100, num_facets: int 
     (with probability ``stick``) or the user's other liked value; otherwise from all items.
     So the next item is predictable only along the user's facet, which the model has to find
     from the history; the other facets are noise."""
-    if min(num_users, num_items, num_facets, values, length) < 1 or length < MIN_INTERACTIONS:
-        raise UserInputError("--synthetic-users, -items, -facets, -values must be positive and --synthetic-length "
-                             f"at least {MIN_INTERACTIONS}")
+    for name, value in (("users", num_users), ("items", num_items), ("facets", num_facets)):
+        if value < 1:
+            raise UserInputError(f"--synthetic-{name} must be at least 1, got {value}")
     if values < 2:
         raise UserInputError(f"--synthetic-values must be at least 2 (each user likes two values of its facet), "
                              f"got {values}")
+    if length < MIN_INTERACTIONS:
+        raise UserInputError(f"--synthetic-length must be at least {MIN_INTERACTIONS}, got {length}")
     rng = np.random.default_rng(seed)
     facets = rng.integers(0, values, (num_items, num_facets))
     by_value = [[np.flatnonzero(facets[:, f] == v) for v in range(values)] for f in range(num_facets)]

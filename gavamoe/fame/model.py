@@ -36,7 +36,7 @@ from torch import nn
 
 import gavamoe_kernels as gk
 
-from ..errors import UserInputError, check_at_least_one, check_finite
+from ..errors import UserInputError, check_at_least_one, check_finite, check_ranges
 
 MODELS = ("fame", "sasrec")
 HEAD_MIXES = ("logits", "probs")
@@ -66,8 +66,7 @@ class SeqRecConfig:
             raise UserInputError(f"--dim {self.dim} must be a multiple of --num-heads {self.num_heads}")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
             raise UserInputError(f"--top-k must lie in [1, --num-experts={self.num_experts}], got {self.top_k}")
-        if not 0 <= self.dropout < 1:
-            raise UserInputError(f"--dropout must lie in [0, 1), got {self.dropout}")
+        check_ranges(self, {"dropout": "lie in [0, 1)"})
 
     @property
     def experts_per_token(self) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import plots
-from ..errors import UserInputError, check_at_least_one, check_device, check_finite
+from ..errors import check_at_least_one, check_device, check_finite, check_ranges
 from ..progress import Progress
 from ..runs import replacing
 from .data import Sequences, Split, leave_one_out, planted_oracle_scores
@@ -43,9 +43,7 @@ class TrainConfig:
     def __post_init__(self):
         check_finite(self)
         check_at_least_one(self, ("epochs", "patience", "batch_size"))
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise UserInputError(f"--lr must be positive and --weight-decay non-negative, got {self.lr}, "
-                                 f"{self.weight_decay}")
+        check_ranges(self, {"lr": "be positive", "weight_decay": "be non-negative", "seed": "be non-negative"})
         check_device(self.device)
 
 

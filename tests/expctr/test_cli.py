@@ -27,14 +27,19 @@ KEYS = {f"{m}_{v}" for m in ("auc", "logloss") for v in ("id", "aug", "llm", "au
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--data", "no/such/folder"], "no such folder"),
     (["--encoder", "no/such/encoder"], "--encoder no/such/encoder"),
-    (["--kl-coef", "-1"], "--kl-coef"),
+    (["--kl-coef", "-1"], "--kl-coef must be non-negative, got -1.0"),
+    (["--temperature", "0"], "--temperature must be positive, got 0.0"),
+    (["--seed", "-1"], "--seed must be non-negative, got -1"),
+    (["--history", "0"], "--history must be at least 1, got 0"),
+    (["--synthetic-cold-fraction", "1.5"], "--synthetic-cold-fraction must lie in [0, 1], got 1.5"),
     (["--top-k", "9", "--num-experts", "4"], "--top-k must be at most"),
     (["--synthetic-users", "0"], "--synthetic-users must be at least 1"),
     (["--ctr-patience", "-1"], "--ctr-patience must be non-negative"),
-    (["--ctr-validation", "1.5"], "--ctr-validation in (0, 1)"),
-    (["--ctr-dropout", "-0.1"], "--ctr-dropout in [0, 1)"),
-    (["--warmup-hedge", "1.5"], "--warmup-hedge must be in [0, 1]"),
-], ids=["group", "rounds", "data", "encoder", "kl", "top-k", "users", "patience", "validation", "dropout", "hedge"])
+    (["--ctr-validation", "1.5"], "--ctr-validation must lie in (0, 1), got 1.5"),
+    (["--ctr-dropout", "-0.1"], "--ctr-dropout must lie in [0, 1), got -0.1"),
+    (["--warmup-hedge", "1.5"], "--warmup-hedge must lie in [0, 1], got 1.5"),
+], ids=["group", "rounds", "data", "encoder", "kl", "temperature", "seed", "history", "cold-fraction", "top-k", "users",
+        "patience", "validation", "dropout", "hedge"])
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
     out = tmp_path / "run"
     assert run_cli("gavamoe.expctr", main, ["--out", str(out), *SMALL, *flags]) == 2

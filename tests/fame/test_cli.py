@@ -112,6 +112,10 @@ def test_a_batch_without_a_training_target_is_skipped_not_a_nan(tmp_path):
     (["--data", "missing.inter"], "--data missing.inter: no such file"),
     (["--device", "tpu9"], "--device tpu9: not a device"),
     (["--synthetic-values", "1"], "--synthetic-values must be at least 2 (each user likes two values"),
+    (["--synthetic-facets", "0"], "--synthetic-facets must be at least 1, got 0"),
+    (["--synthetic-length", "2"], "--synthetic-length must be at least 3, got 2"),
+    (["--seed", "-1"], "--seed must be non-negative, got -1"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
 ])
 def test_bad_flags_are_one_line_before_any_work(capsys, tmp_path, flags, message):
     out = tmp_path / "run"

@@ -50,6 +50,8 @@ def _error(capsys, prog, main, argv) -> str:
     (["--encoder-dim", "0"], "--encoder-dim must be at least 1, got 0"),
     (["--encoder-dim", "100"], "--encoder-dim must be a multiple of the encoder's 8 heads, got 100"),
     (["--stage2-epochs", "0"], "--stage2-epochs must be at least 1"),
+    (["--seed", "-1"], "--seed must be non-negative, got -1"),
+    (["--warmup-ratio", "1"], "--warmup-ratio must lie in [0, 1), got 1.0"),
     (["--vocab-size", "100"], "--vocab-size must be at least 262 (the 256 byte symbols and 6 special tokens), got 100"),
     (["--base-model", "./no/such/model"], "--base-model ./no/such/model: no such folder"),
     (["--data", "missing.pickle"], "--data missing.pickle: no such file"),
@@ -266,6 +268,7 @@ def test_stale_stage2_is_refused_after_stage1_is_retrained(capsys, run, tmp_path
     (["--top-p", "0"], "--top-p must lie in (0, 1], got 0.0"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--limit", "-3"], "--limit must be non-negative, got -3"),
+    (["--seed", "-1"], "--seed must be non-negative, got -1"),
 ])
 def test_generate_flags_are_checked_before_the_run_is_read(capsys, tmp_path, flags, message):
     err = _error(capsys, "gavamoe.generate", generate.main, ["--run", str(tmp_path / "none"),
