@@ -35,9 +35,12 @@ class CliParser(argparse.ArgumentParser):
     """The commands' argument parser: a bad flag is one line, ``gavamoe.X: error: message``, and
     exit status 2, like every other user error (argparse would print the whole usage first; the
     prefix is ``run_cli``'s, without the ``python -m`` of the usage line); ``--help`` still prints
-    it. A ``type=float`` flag, in the parser or a group of it, takes finite numbers only."""
+    it. A ``type=float`` flag, in the parser or a group of it, takes finite numbers only. Flags are
+    taken only in full: argparse's abbreviations made ``fame.compare --seed 3`` mean ``--seeds 3``
+    and ``--num-exp 2`` slip past compare's check to override a variant's ``--num-experts``."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.register("type", float, finite_float)  # argparse looks a flag's type up here; groups share it
 
