@@ -80,13 +80,14 @@ RANGES: dict[str, Callable[[float], bool]] = {
     "lie in [0, 1]": lambda v: 0 <= v <= 1,
     "lie in [0, 1)": lambda v: 0 <= v < 1,
     "lie in (0, 1)": lambda v: 0 < v < 1,
+    "lie in (0, 1]": lambda v: 0 < v <= 1,
 }
 
 
 def check_ranges(config, ranges: dict[str, str], flag: Callable[[str], str] = flag_of) -> None:
-    """Each field of ``config`` named in ``ranges`` must be in its range, a key of RANGES (None, a
-    field left to its default rule, passes); the error names that one flag and its value:
-    ``--lr must be positive, got 0.0``."""
+    """Each field of ``config`` (a dataclass, or the parsed flags) named in ``ranges`` must be in its
+    range, a key of RANGES (None, a field left to its default rule, passes); the error names that
+    one flag and its value: ``--lr must be positive, got 0.0``."""
     for name, words in ranges.items():
         value = getattr(config, name)
         if value is not None and not RANGES[words](value):

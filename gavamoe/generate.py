@@ -19,7 +19,7 @@ import torch
 
 from .data import ReviewData
 from .data import text as text_data
-from .errors import CliParser, UserInputError, check_device, run_cli, writable_out
+from .errors import CliParser, UserInputError, check_at_least_one, check_device, check_ranges, run_cli, writable_out
 from .models.explainer import Explainer, load_tokenizer
 from .progress import Progress
 from .runs import Run
@@ -82,18 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.seed < 0:
-        raise UserInputError(f"--seed must be non-negative, got {args.seed}")
-    if args.limit is not None and args.limit < 0:
-        raise UserInputError(f"--limit must be non-negative, got {args.limit}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UserInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature is not None and args.temperature <= 0:
-        raise UserInputError(f"--temperature must be positive, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserInputError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    check_at_least_one(args, ("batch_size", "max_new_tokens"))
+    check_ranges(args, {"seed": "be non-negative", "limit": "be non-negative", "temperature": "be positive",
+                        "top_p": "lie in (0, 1]"})
     check_device(args.device)
     return args
 
